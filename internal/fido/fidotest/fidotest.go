@@ -11,6 +11,10 @@
 package fidotest
 
 import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -87,7 +91,10 @@ func (a *Authenticator) Register(options []byte) ([]byte, error) {
 			return nil, errors.New("fidotest: authenticator already holds an excluded credential (InvalidStateError)")
 		}
 	}
-	cred := virtualwebauthn.NewCredential(virtualwebauthn.KeyTypeEC2)
+	cred, err := newCredential()
+	if err != nil {
+		return nil, err
+	}
 	a.auth.Options.UserNotVerified = !a.verified
 	resp := virtualwebauthn.CreateAttestationResponse(a.rp, a.auth, cred, *opts)
 	a.auth.AddCredential(cred)
@@ -144,4 +151,26 @@ func asToJSON(resp string, registration bool) ([]byte, error) {
 		return nil, fmt.Errorf("fidotest: encoding response: %w", err)
 	}
 	return b, nil
+}
+
+// newCredential makes a P-256 credential whose public coordinates are both
+// 32 bytes long. virtualwebauthn encodes them with big.Int.Bytes(), which
+// drops leading zero bytes, so about one key in 128 would otherwise be
+// refused by the relying party ("x or y coordinate has invalid length").
+func newCredential() (virtualwebauthn.Credential, error) {
+	for range 64 {
+		k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			return virtualwebauthn.Credential{}, fmt.Errorf("fidotest: generating key: %w", err)
+		}
+		if len(k.X.Bytes()) != 32 || len(k.Y.Bytes()) != 32 {
+			continue
+		}
+		der, err := x509.MarshalPKCS8PrivateKey(k)
+		if err != nil {
+			return virtualwebauthn.Credential{}, fmt.Errorf("fidotest: encoding key: %w", err)
+		}
+		return virtualwebauthn.NewCredentialWithImportedKey(virtualwebauthn.KeyTypeEC2, der), nil
+	}
+	return virtualwebauthn.Credential{}, errors.New("fidotest: no usable key after 64 tries")
 }

@@ -1,0 +1,365 @@
+// Package api serves the broker's JSON API (/v1/) to agents and the CLI. It
+// authenticates the calling device by the Ed25519 key of its TLS client
+// certificate and is the one place where service errors become HTTP status
+// codes.
+package api
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/pinhole-dev/pinhole/broker/service"
+	"github.com/pinhole-dev/pinhole/internal/devicekey"
+	"github.com/pinhole-dev/pinhole/internal/sshca"
+	"github.com/pinhole-dev/pinhole/internal/store"
+	"github.com/pinhole-dev/pinhole/internal/wire"
+	"golang.org/x/crypto/ssh"
+)
+
+// Server is the JSON API handler.
+type Server struct {
+	svc    *service.Service
+	log    *slog.Logger
+	userCA ssh.PublicKey
+	hostCA ssh.PublicKey
+	mux    *http.ServeMux
+}
+
+// New returns the API handler.
+func New(svc *service.Service, userCA, hostCA ssh.PublicKey, log *slog.Logger) *Server {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	s := &Server{svc: svc, log: log, userCA: userCA, hostCA: hostCA, mux: http.NewServeMux()}
+	s.mux.HandleFunc("GET "+wire.PathCA, s.ca)
+	s.mux.HandleFunc("GET "+wire.PathHealth, func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok\n") })
+	s.mux.HandleFunc("POST "+wire.PathEnroll, s.enroll)
+	s.mux.HandleFunc("GET "+wire.PathDevice, s.device(true, s.getDevice))
+	s.mux.HandleFunc("GET "+wire.PathEvents, s.device(true, s.events))
+	s.mux.HandleFunc("POST "+wire.PathPostureNonce, s.device(false, s.postureNonce))
+	s.mux.HandleFunc("POST "+wire.PathPosture, s.device(false, s.posture))
+	s.mux.HandleFunc("POST "+wire.PathRequests, s.device(false, s.createRequest))
+	s.mux.HandleFunc("GET "+wire.PathRequest, s.device(false, s.getRequest))
+	s.mux.HandleFunc("POST "+wire.PathActivate, s.device(false, s.activate))
+	s.mux.HandleFunc("POST "+wire.PathRevoke, s.device(false, s.revoke))
+	s.mux.HandleFunc("POST "+wire.PathAdminUsers, s.device(false, s.inviteUser))
+	s.mux.HandleFunc("GET "+wire.PathAuditEvents, s.device(false, s.auditEvents))
+	s.mux.HandleFunc("GET "+wire.PathRecordings, s.device(false, s.recordings))
+	s.mux.HandleFunc("GET "+wire.PathRecordingData, s.device(false, s.recordingData))
+	s.mux.HandleFunc("/v1/", func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, http.StatusNotFound, "not_found", "no API endpoint "+r.Method+" "+r.URL.Path)
+	})
+	return s
+}
+
+// ServeHTTP serves the API.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("Cache-Control", "no-store")
+	w.Header().Set("X-Content-Type-Options", "nosniff")
+	s.mux.ServeHTTP(w, r)
+}
+
+// Status maps a service error kind to its HTTP status and code. This is the
+// one place that choice is made.
+func Status(err error) (int, string) {
+	switch service.KindOf(err) {
+	case service.KindBadInput:
+		return http.StatusBadRequest, "bad_request"
+	case service.KindUnauthenticated:
+		return http.StatusUnauthorized, "unauthenticated"
+	case service.KindForbidden:
+		return http.StatusForbidden, "forbidden"
+	case service.KindNotFound:
+		return http.StatusNotFound, "not_found"
+	case service.KindConflict:
+		return http.StatusConflict, "conflict"
+	case service.KindPolicy:
+		return http.StatusForbidden, "policy"
+	case service.KindGone:
+		return http.StatusGone, "gone"
+	}
+	return http.StatusInternalServerError, "internal"
+}
+
+// WriteServiceError answers with err's status; internal errors are logged
+// and hidden.
+func WriteServiceError(w http.ResponseWriter, log *slog.Logger, err error) {
+	status, code := Status(err)
+	msg := err.Error()
+	if status == http.StatusInternalServerError {
+		log.Error("internal error", "err", err)
+		msg = "internal error"
+	}
+	if errors.Is(err, context.Canceled) {
+		status, code, msg = 499, "canceled", "request canceled"
+	}
+	writeError(w, status, code, msg)
+}
+
+func writeError(w http.ResponseWriter, status int, code, msg string) {
+	writeJSON(w, status, wire.Error{Error: msg, Code: code})
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+// DecodeBody reads a bounded JSON body into v, refusing unknown fields and
+// trailing data, with an error that names the problem.
+func DecodeBody(w http.ResponseWriter, r *http.Request, v any) error {
+	if ct := r.Header.Get("Content-Type"); ct != "" && !strings.HasPrefix(ct, "application/json") {
+		return fmt.Errorf("content type %q: want application/json", ct)
+	}
+	body := http.MaxBytesReader(w, r.Body, wire.MaxBodyBytes)
+	dec := json.NewDecoder(body)
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		var mbe *http.MaxBytesError
+		var se *json.SyntaxError
+		var te *json.UnmarshalTypeError
+		switch {
+		case errors.As(err, &mbe):
+			return fmt.Errorf("request body is larger than %d bytes", wire.MaxBodyBytes)
+		case errors.Is(err, io.EOF):
+			return errors.New("request body is empty; want a JSON object")
+		case errors.As(err, &se):
+			return fmt.Errorf("request body is not valid JSON at byte %d: %v", se.Offset, err)
+		case errors.As(err, &te):
+			return fmt.Errorf("field %q: want %s, got JSON %s", te.Field, te.Type, te.Value)
+		case strings.HasPrefix(err.Error(), "json: unknown field"):
+			return fmt.Errorf("unknown field %s", strings.TrimPrefix(err.Error(), "json: unknown field "))
+		}
+		return fmt.Errorf("reading request body: %v", err)
+	}
+	if dec.More() {
+		return errors.New("request body has data after the JSON object")
+	}
+	return nil
+}
+
+type caller struct {
+	dev  store.Device
+	user store.User
+}
+
+// device authenticates the calling device; pending devices pass only when
+// allowPending.
+func (s *Server) device(allowPending bool, h func(http.ResponseWriter, *http.Request, caller)) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		pub, err := devicekey.FromConnectionState(r.TLS)
+		if err != nil {
+			writeError(w, http.StatusUnauthorized, "unauthenticated", "device certificate required: "+err.Error())
+			return
+		}
+		d, u, err := s.svc.AuthenticateDevice(r.Context(), pub)
+		if err != nil {
+			WriteServiceError(w, s.log, err)
+			return
+		}
+		if d.State != store.DeviceActive && !allowPending {
+			writeError(w, http.StatusForbidden, "forbidden", "device is "+d.State+"; confirm it with the link from enrollment first")
+			return
+		}
+		h(w, r, caller{dev: d, user: u})
+	}
+}
+
+func (s *Server) ca(w http.ResponseWriter, _ *http.Request) {
+	writeJSON(w, http.StatusOK, wire.CA{UserCAKeys: []string{sshca.AuthorizedKey(s.userCA)}, HostCAKeys: []string{sshca.AuthorizedKey(s.hostCA)}})
+}
+
+func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
+	pub, err := devicekey.FromConnectionState(r.TLS)
+	if err != nil {
+		writeError(w, http.StatusUnauthorized, "unauthenticated", "device certificate required: "+err.Error())
+		return
+	}
+	var in wire.EnrollRequest
+	if err := DecodeBody(w, r, &in); err != nil {
+		writeError(w, http.StatusBadRequest, "bad_request", err.Error())
+		return
+	}
+	out, err := s.svc.Enroll(r.Context(), pub, in.User, in.Hostname)
+	if err != nil {
+		WriteServiceError(w, s.log, err)
+		return
+	}
+	writeJSON(w, http.StatusCreated, out)
+}
+
+func (s *Server) getDevice(w http.ResponseWriter, _ *http.Request, c caller) {
+	writeJSON(w, http.StatusOK, wire.Device{ID: c.dev.ID, User: c.dev.User, Hostname: c.dev.Hostname, State: c.dev.State,
+		Fingerprint: devicekey.Fingerprint(c.dev.PublicKey), CreatedAt: c.dev.CreatedAt})
+}
+
+func (s *Server) events(w http.ResponseWriter, r *http.Request, c caller) {
+	q := r.URL.Query()
+	after, err := strconv.ParseInt(q.Get("after"), 10, 64)
+	if q.Get("after") == "" {
+		after, err = 0, nil
+	}
+	if err != nil || after < 0 {
+		writeError(w, http.StatusBadRequest, "bad_request", "after: want a non-negative integer")
+		return
+	}
+	wait := 25 * time.Second
+	if v := q.Get("wait"); v != "" {
+		if wait, err = time.ParseDuration(v); err != nil || wait < 0 {
+			writeError(w, http.StatusBadRequest, "bad_request", "wait: want a duration such as 25s")
+			return
+		}
+	}
+	out, err := s.svc.Events(r.Context(), c.dev, after, wait)
+	if err != nil {
+		WriteServiceError(w, s.log, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (s *Server) postureNonce(w http.ResponseWriter, r *http.Request, c caller) {
+	out, err := s.svc.PostureNonce(r.Context(), c.dev)
+	if err != nil {
+		WriteServiceError(w, s.log, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (s *Server) posture(w http.ResponseWriter, r *http.Request, c caller) {
+	var in wire.PostureSubmit
+	if err := DecodeBody(w, r, &in); err != nil {
+		writeError(w, http.StatusBadRequest, "bad_request", err.Error())
+		return
+	}
+	out, err := s.svc.SubmitPosture(r.Context(), c.dev, in)
+	if err != nil {
+		WriteServiceError(w, s.log, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (s *Server) createRequest(w http.ResponseWriter, r *http.Request, c caller) {
+	var in wire.CreateRequest
+	if err := DecodeBody(w, r, &in); err != nil {
+		writeError(w, http.StatusBadRequest, "bad_request", err.Error())
+		return
+	}
+	out, err := s.svc.CreateRequest(r.Context(), c.dev, c.user, in)
+	if err != nil {
+		WriteServiceError(w, s.log, err)
+		return
+	}
+	writeJSON(w, http.StatusCreated, out)
+}
+
+func (s *Server) getRequest(w http.ResponseWriter, r *http.Request, c caller) {
+	out, err := s.svc.Request(r.Context(), c.user, r.PathValue("id"))
+	if err != nil {
+		WriteServiceError(w, s.log, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (s *Server) activate(w http.ResponseWriter, r *http.Request, c caller) {
+	var in wire.ActivateRequest
+	if err := DecodeBody(w, r, &in); err != nil {
+		writeError(w, http.StatusBadRequest, "bad_request", err.Error())
+		return
+	}
+	out, err := s.svc.Activate(r.Context(), c.dev, c.user, r.PathValue("id"), in)
+	if err != nil {
+		WriteServiceError(w, s.log, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (s *Server) revoke(w http.ResponseWriter, r *http.Request, c caller) {
+	var in wire.RevokeRequest
+	if err := DecodeBody(w, r, &in); err != nil {
+		writeError(w, http.StatusBadRequest, "bad_request", err.Error())
+		return
+	}
+	out, err := s.svc.Revoke(r.Context(), c.user, r.PathValue("id"), in.Reason)
+	if err != nil {
+		WriteServiceError(w, s.log, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (s *Server) inviteUser(w http.ResponseWriter, r *http.Request, c caller) {
+	var in wire.InviteUser
+	if err := DecodeBody(w, r, &in); err != nil {
+		writeError(w, http.StatusBadRequest, "bad_request", err.Error())
+		return
+	}
+	out, err := s.svc.InviteUser(r.Context(), c.user, in.Name, in.Role)
+	if err != nil {
+		WriteServiceError(w, s.log, err)
+		return
+	}
+	writeJSON(w, http.StatusCreated, out)
+}
+
+func (s *Server) auditEvents(w http.ResponseWriter, r *http.Request, c caller) {
+	q := r.URL.Query()
+	after, _ := strconv.ParseInt(q.Get("after"), 10, 64)
+	limit, _ := strconv.Atoi(q.Get("limit"))
+	if limit <= 0 || limit > 1000 {
+		limit = 1000
+	}
+	evs, err := s.svc.AuditEvents(r.Context(), c.user, after, limit+1)
+	if err != nil {
+		WriteServiceError(w, s.log, err)
+		return
+	}
+	page := wire.AuditPage{Events: []json.RawMessage{}, Next: after}
+	for i, e := range evs {
+		if i == limit {
+			page.More = true
+			break
+		}
+		b, err := json.Marshal(e)
+		if err != nil {
+			WriteServiceError(w, s.log, err)
+			return
+		}
+		page.Events = append(page.Events, b)
+		page.Next = e.Seq
+	}
+	writeJSON(w, http.StatusOK, page)
+}
+
+func (s *Server) recordings(w http.ResponseWriter, r *http.Request, c caller) {
+	out, err := s.svc.Recordings(r.Context(), c.user)
+	if err != nil {
+		WriteServiceError(w, s.log, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (s *Server) recordingData(w http.ResponseWriter, r *http.Request, c caller) {
+	rc, err := s.svc.OpenCast(r.Context(), c.user, r.PathValue("id"))
+	if err != nil {
+		WriteServiceError(w, s.log, err)
+		return
+	}
+	defer rc.Close()
+	w.Header().Set("Content-Type", "application/x-asciicast")
+	io.Copy(w, rc)
+}

@@ -1,0 +1,327 @@
+// Package web serves the pages people open from links: invite (register a
+// security key), enroll (confirm a workstation) and grant (approve or deny a
+// request). Pages are html/template with a strict CSP and one static script;
+// every state-changing POST is behind http.CrossOriginProtection, and guessing
+// link tokens is rate-limited per client address.
+package web
+
+import (
+	"embed"
+	"encoding/json"
+	"html/template"
+	"io/fs"
+	"log/slog"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/pinhole-dev/pinhole/broker/api"
+	"github.com/pinhole-dev/pinhole/broker/service"
+)
+
+//go:embed templates/*.html
+var templateFS embed.FS
+
+//go:embed static
+var staticFS embed.FS
+
+const csp = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+
+// Server is the web handler.
+type Server struct {
+	svc     *service.Service
+	log     *slog.Logger
+	tmpl    *template.Template
+	handler http.Handler
+	limit   *limiter
+}
+
+// New returns the web handler.
+func New(svc *service.Service, log *slog.Logger) (*Server, error) {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	t, err := template.ParseFS(templateFS, "templates/*.html")
+	if err != nil {
+		return nil, err
+	}
+	s := &Server{svc: svc, log: log, tmpl: t, limit: newLimiter(30, time.Minute, svc.Now)}
+	mux := http.NewServeMux()
+	static, _ := fs.Sub(staticFS, "static")
+	mux.Handle("GET /static/", http.StripPrefix("/static/", http.FileServerFS(static)))
+	mux.HandleFunc("GET /invite/{token}", s.invitePage)
+	mux.HandleFunc("POST /invite/{token}/begin", s.inviteBegin)
+	mux.HandleFunc("POST /invite/{token}/finish", s.inviteFinish)
+	mux.HandleFunc("GET /enroll/{token}", s.enrollPage)
+	mux.HandleFunc("POST /enroll/{token}/begin", s.enrollBegin)
+	mux.HandleFunc("POST /enroll/{token}/finish", s.enrollFinish)
+	mux.HandleFunc("GET /grant/{token}", s.grantPage)
+	mux.HandleFunc("POST /grant/{token}/begin", s.grantBegin)
+	mux.HandleFunc("POST /grant/{token}/finish", s.grantFinish)
+	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {
+		s.page(w, http.StatusOK, "error", map[string]any{"Title": "broker", "Message": "pinhole broker. Open the link you were sent."})
+	})
+	cop := http.NewCrossOriginProtection()
+	s.handler = cop.Handler(mux)
+	return s, nil
+}
+
+// ServeHTTP serves the pages with security headers.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	h := w.Header()
+	h.Set("Content-Security-Policy", csp)
+	h.Set("X-Frame-Options", "DENY")
+	h.Set("X-Content-Type-Options", "nosniff")
+	h.Set("Referrer-Policy", "no-referrer")
+	h.Set("Cache-Control", "no-store")
+	h.Set("Strict-Transport-Security", "max-age=31536000")
+	s.handler.ServeHTTP(w, r)
+}
+
+func (s *Server) page(w http.ResponseWriter, status int, name string, data map[string]any) {
+	w.Header().Set("Content-Type", "text/html; charset=utf-8")
+	w.WriteHeader(status)
+	if err := s.tmpl.ExecuteTemplate(w, name, data); err != nil {
+		s.log.Error("rendering page", "page", name, "err", err)
+	}
+}
+
+// guard rate-limits token use per client address; it answers and returns
+// false when the client is over the limit.
+func (s *Server) guard(w http.ResponseWriter, r *http.Request) bool {
+	if s.limit.over(clientIP(r)) {
+		w.Header().Set("Retry-After", "60")
+		http.Error(w, "too many attempts; wait a minute", http.StatusTooManyRequests)
+		return false
+	}
+	return true
+}
+
+// miss counts a failed token lookup against the client.
+func (s *Server) miss(r *http.Request, err error) {
+	if k := service.KindOf(err); k == service.KindNotFound || k == service.KindGone || k == service.KindConflict {
+		s.limit.add(clientIP(r))
+	}
+}
+
+func (s *Server) errorPage(w http.ResponseWriter, r *http.Request, err error) {
+	s.miss(r, err)
+	status, _ := api.Status(err)
+	msg := err.Error()
+	if status == http.StatusInternalServerError {
+		s.log.Error("internal error", "err", err)
+		msg = "internal error"
+	}
+	s.page(w, status, "error", map[string]any{"Title": "error", "Message": msg})
+}
+
+func (s *Server) jsonError(w http.ResponseWriter, r *http.Request, err error) {
+	s.miss(r, err)
+	api.WriteServiceError(w, s.log, err)
+}
+
+func writeRaw(w http.ResponseWriter, b []byte) {
+	w.Header().Set("Content-Type", "application/json")
+	w.Write(b)
+}
+
+type credentialBody struct {
+	Decision   string          `json:"decision,omitempty"`
+	ViewHash   string          `json:"view_hash,omitempty"`
+	Credential json.RawMessage `json:"credential,omitempty"`
+}
+
+func (s *Server) body(w http.ResponseWriter, r *http.Request) (credentialBody, bool) {
+	var b credentialBody
+	if err := api.DecodeBody(w, r, &b); err != nil {
+		http.Error(w, `{"error":`+jsonString(err.Error())+`,"code":"bad_request"}`, http.StatusBadRequest)
+		return b, false
+	}
+	return b, true
+}
+
+func jsonString(s string) string {
+	b, _ := json.Marshal(s)
+	return string(b)
+}
+
+func (s *Server) invitePage(w http.ResponseWriter, r *http.Request) {
+	if !s.guard(w, r) {
+		return
+	}
+	u, err := s.svc.InviteInfo(r.Context(), r.PathValue("token"))
+	if err != nil {
+		s.errorPage(w, r, err)
+		return
+	}
+	s.page(w, http.StatusOK, "invite", map[string]any{"Title": "register", "User": u.Name, "Role": u.Role})
+}
+
+func (s *Server) inviteBegin(w http.ResponseWriter, r *http.Request) {
+	if !s.guard(w, r) {
+		return
+	}
+	if _, ok := s.body(w, r); !ok {
+		return
+	}
+	opts, err := s.svc.BeginRegistration(r.Context(), r.PathValue("token"))
+	if err != nil {
+		s.jsonError(w, r, err)
+		return
+	}
+	writeRaw(w, opts)
+}
+
+func (s *Server) inviteFinish(w http.ResponseWriter, r *http.Request) {
+	if !s.guard(w, r) {
+		return
+	}
+	b, ok := s.body(w, r)
+	if !ok {
+		return
+	}
+	if err := s.svc.FinishRegistration(r.Context(), r.PathValue("token"), b.Credential); err != nil {
+		s.jsonError(w, r, err)
+		return
+	}
+	writeRaw(w, []byte(`{"ok":true}`))
+}
+
+func (s *Server) enrollPage(w http.ResponseWriter, r *http.Request) {
+	if !s.guard(w, r) {
+		return
+	}
+	v, err := s.svc.DeviceConfirmInfo(r.Context(), r.PathValue("token"))
+	if err != nil {
+		s.errorPage(w, r, err)
+		return
+	}
+	s.page(w, http.StatusOK, "enroll", map[string]any{"Title": "confirm workstation", "View": v})
+}
+
+func (s *Server) enrollBegin(w http.ResponseWriter, r *http.Request) {
+	if !s.guard(w, r) {
+		return
+	}
+	if _, ok := s.body(w, r); !ok {
+		return
+	}
+	opts, err := s.svc.BeginDeviceConfirm(r.Context(), r.PathValue("token"))
+	if err != nil {
+		s.jsonError(w, r, err)
+		return
+	}
+	writeRaw(w, opts)
+}
+
+func (s *Server) enrollFinish(w http.ResponseWriter, r *http.Request) {
+	if !s.guard(w, r) {
+		return
+	}
+	b, ok := s.body(w, r)
+	if !ok {
+		return
+	}
+	if err := s.svc.FinishDeviceConfirm(r.Context(), r.PathValue("token"), b.Credential); err != nil {
+		s.jsonError(w, r, err)
+		return
+	}
+	writeRaw(w, []byte(`{"ok":true}`))
+}
+
+func (s *Server) grantPage(w http.ResponseWriter, r *http.Request) {
+	if !s.guard(w, r) {
+		return
+	}
+	v, err := s.svc.GrantLinkView(r.Context(), r.PathValue("token"))
+	if err != nil {
+		s.errorPage(w, r, err)
+		return
+	}
+	s.page(w, http.StatusOK, "grant", map[string]any{"Title": "access request " + v.Request, "View": v, "Hash": v.Hash()})
+}
+
+func (s *Server) grantBegin(w http.ResponseWriter, r *http.Request) {
+	if !s.guard(w, r) {
+		return
+	}
+	b, ok := s.body(w, r)
+	if !ok {
+		return
+	}
+	opts, err := s.svc.BeginDecision(r.Context(), r.PathValue("token"), service.Decision(b.Decision), b.ViewHash)
+	if err != nil {
+		s.jsonError(w, r, err)
+		return
+	}
+	writeRaw(w, opts)
+}
+
+func (s *Server) grantFinish(w http.ResponseWriter, r *http.Request) {
+	if !s.guard(w, r) {
+		return
+	}
+	b, ok := s.body(w, r)
+	if !ok {
+		return
+	}
+	out, err := s.svc.FinishDecision(r.Context(), r.PathValue("token"), service.Decision(b.Decision), b.Credential)
+	if err != nil {
+		s.jsonError(w, r, err)
+		return
+	}
+	b2, _ := json.Marshal(out)
+	writeRaw(w, b2)
+}
+
+func clientIP(r *http.Request) string {
+	host, _, err := net.SplitHostPort(r.RemoteAddr)
+	if err != nil {
+		return r.RemoteAddr
+	}
+	return host
+}
+
+// limiter counts failures per key in fixed windows.
+type limiter struct {
+	mu     sync.Mutex
+	max    int
+	window time.Duration
+	now    func() time.Time
+	counts map[string]*window
+}
+
+type window struct {
+	start time.Time
+	n     int
+}
+
+func newLimiter(max int, win time.Duration, now func() time.Time) *limiter {
+	return &limiter{max: max, window: win, now: now, counts: make(map[string]*window)}
+}
+
+func (l *limiter) cur(key string) *window {
+	now := l.now()
+	w, ok := l.counts[key]
+	if !ok || now.Sub(w.start) >= l.window {
+		if len(l.counts) > 10000 {
+			clear(l.counts)
+		}
+		w = &window{start: now}
+		l.counts[key] = w
+	}
+	return w
+}
+
+func (l *limiter) add(key string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.cur(key).n++
+}
+
+func (l *limiter) over(key string) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.cur(key).n >= l.max
+}
