@@ -54,8 +54,14 @@ const (
 	eventWait = 25 * time.Second
 	// keepAlive is the WireGuard persistent keepalive of grant tunnels.
 	keepAlive = 25 * time.Second
+	// expiryGrace is how long after a grant's end the agent tears the tunnel
+	// down on its own when the broker has not already ended it.
+	expiryGrace = 2 * time.Second
 	// maxEnded bounds how many ended requests the agent remembers for Wait.
 	maxEnded = 1024
+	// callTimeout bounds one broker call (beyond a long-poll's own wait), so
+	// a stalled connection cannot wedge a loop.
+	callTimeout = 30 * time.Second
 )
 
 // Collector gathers the local machine's posture. Device and Nonce of the
@@ -311,6 +317,8 @@ func (a *Agent) postureLoop(ctx context.Context) {
 // sendPosture collects, signs and submits one posture report answering a
 // fresh broker nonce.
 func sendPosture(ctx context.Context, c *client.Client, col Collector, key ed25519.PrivateKey, deviceID string) error {
+	ctx, cancel := context.WithTimeout(ctx, callTimeout)
+	defer cancel()
 	n, err := c.PostureNonce(ctx)
 	if err != nil {
 		return fmt.Errorf("getting posture nonce: %w", err)
@@ -343,7 +351,9 @@ func (a *Agent) eventLoop(ctx context.Context) {
 		bo    backoff
 	)
 	for ctx.Err() == nil {
-		evs, err := a.client.Events(ctx, after, eventWait)
+		cctx, cancel := context.WithTimeout(ctx, eventWait+callTimeout)
+		evs, err := a.client.Events(cctx, after, eventWait)
+		cancel()
 		if err != nil {
 			if ctx.Err() != nil {
 				return
@@ -424,7 +434,9 @@ func (a *Agent) Wait(ctx context.Context, requestID string) (wire.Tunnel, error)
 			askedBroker = true
 			// The request may have been decided before the agent heard of
 			// it, or may not exist: ask the broker once.
-			r, err := a.client.Request(ctx, requestID)
+			cctx, cancel := context.WithTimeout(ctx, callTimeout)
+			r, err := a.client.Request(cctx, requestID)
+			cancel()
 			var apiErr *client.APIError
 			switch {
 			case errors.As(err, &apiErr):

@@ -90,7 +90,9 @@ func waitConfirmed(ctx context.Context, cfg Config, c *client.Client, expires ti
 		bo    backoff
 	)
 	for {
-		evs, err := c.Events(ctx, after, eventWait)
+		cctx, cancel := context.WithTimeout(ctx, eventWait+callTimeout)
+		evs, err := c.Events(cctx, after, eventWait)
+		cancel()
 		if err != nil {
 			var apiErr *client.APIError
 			switch {

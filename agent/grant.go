@@ -115,7 +115,10 @@ func (a *Agent) runGrant(ctx context.Context, g *grant) {
 		"target", info.Target, "local", info.Local, "expires", info.ExpiresAt)
 
 	state, reason := "ended", "the agent stopped"
-	timer := time.NewTimer(act.expires.Sub(a.cfg.Now()))
+	// The broker ends the grant's flows itself at expiry (and tells SSH users
+	// why); the local timer is the backstop for when its word never comes, so
+	// it fires a little later rather than racing the broker's reason.
+	timer := time.NewTimer(act.expires.Add(expiryGrace).Sub(a.cfg.Now()))
 	select {
 	case <-ctx.Done():
 	case <-timer.C:
@@ -170,7 +173,9 @@ func (a *Agent) activate(ctx context.Context, id string) (activation, grantKeys,
 
 	var bo backoff
 	for {
-		raw, err := a.client.Activate(ctx, id, req)
+		cctx, cancel := context.WithTimeout(ctx, callTimeout)
+		raw, err := a.client.Activate(cctx, id, req)
+		cancel()
 		if err == nil {
 			act, err := parseActivation(ctx, id, raw, sshPub, a.cfg.Now(), lookupIP)
 			if err != nil {

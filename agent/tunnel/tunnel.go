@@ -192,13 +192,33 @@ func (u *Userspace) checkDst(dst netip.AddrPort) error {
 	return nil
 }
 
-// Listen accepts TCP connections on local (for example "127.0.0.1:0") and
-// carries each one through the tunnel to dst, until Close. It returns the
-// bound address. When the tunnel side of a connection ends (the gateway
+// checkLoopback accepts "ip:port" with a loopback ip, or "localhost:port".
+func checkLoopback(local string) error {
+	host, _, err := net.SplitHostPort(local)
+	if err != nil {
+		return fmt.Errorf("tunnel: local address %q: %w", local, err)
+	}
+	if host == "localhost" {
+		return nil
+	}
+	ip, err := netip.ParseAddr(host)
+	if err != nil || !ip.Unmap().IsLoopback() {
+		return fmt.Errorf("tunnel: local address %q is not a loopback address", local)
+	}
+	return nil
+}
+
+// Listen accepts TCP connections on local, a loopback address and port (for
+// example "127.0.0.1:0"), and carries each one through the tunnel to dst,
+// until Close. It returns the bound address. Other local addresses are
+// refused: the grant is for this workstation, not its network. When the tunnel side of a connection ends (the gateway
 // closed it or reset it), the local connection is closed, so a client such as
 // ssh exits; a half-close from the local client is passed on.
 func (u *Userspace) Listen(local string, dst netip.AddrPort) (net.Addr, error) {
 	if err := u.checkDst(dst); err != nil {
+		return nil, err
+	}
+	if err := checkLoopback(local); err != nil {
 		return nil, err
 	}
 	var lc net.ListenConfig

@@ -313,6 +313,14 @@ func TestRefusesOtherDestinations(t *testing.T) {
 	if _, err := u.Listen("127.0.0.1:0", other); err == nil {
 		t.Error("Listen for a non-granted address succeeded")
 	}
+	for _, local := range []string{"0.0.0.0:0", ":0", "[::]:0", "192.0.2.1:0", "example.com:0", "127.0.0.1"} {
+		if addr, err := u.Listen(local, targetEcho); err == nil {
+			t.Errorf("Listen on non-loopback %q succeeded: %v", local, addr)
+		}
+	}
+	if _, err := u.Listen("[::1]:0", targetEcho); err != nil {
+		t.Logf("Listen on [::1]: %v (no IPv6 loopback here?)", err)
+	}
 }
 
 func TestNewRejectsBadConfig(t *testing.T) {

@@ -1,7 +1,6 @@
 package gateway
 
 import (
-	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -79,7 +78,7 @@ func (s *uapiServer) accept(dev *device.Device) {
 
 // close stops accepting, removes the socket, ends open UAPI sessions and
 // waits for their goroutines.
-func (s *uapiServer) close() error {
+func (s *uapiServer) close() {
 	s.mu.Lock()
 	s.closed = true
 	conns := make([]net.Conn, 0, len(s.conns))
@@ -87,13 +86,14 @@ func (s *uapiServer) close() error {
 		conns = append(conns, c)
 	}
 	s.mu.Unlock()
-	err := s.ln.Close()
+	// ipc.UAPIListener.Close races with its own inotify goroutine and can
+	// report "file already closed" after doing everything (the socket is
+	// removed either way), so its error is only logged.
+	if err := s.ln.Close(); err != nil {
+		s.log.Debug("closing UAPI listener", "err", err)
+	}
 	for _, c := range conns {
 		_ = c.Close()
 	}
 	s.wg.Wait()
-	if errors.Is(err, net.ErrClosed) {
-		err = nil
-	}
-	return err
 }

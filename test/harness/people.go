@@ -213,3 +213,29 @@ func TextOf(html string) string {
 	t = strings.NewReplacer("&lt;", "<", "&gt;", ">", "&amp;", "&", "&#34;", `"`, "&#39;", "'", "&middot;", "·").Replace(t)
 	return strings.TrimSpace(spaceRE.ReplaceAllString(t, "\n"))
 }
+
+// DecideWithViewAnyCredential is DecideWithView with the options' list of
+// allowed credentials removed, so the person's key signs with its own
+// credential whatever the server asked for (a hostile browser).
+func (p *Person) DecideWithViewAnyCredential(ctx context.Context, link string, approve bool, view string) error {
+	decision := "deny"
+	if approve {
+		decision = "approve"
+	}
+	opts, err := p.post(ctx, link+"/begin", map[string]string{"decision": decision, "view_hash": view})
+	if err != nil {
+		return err
+	}
+	var m map[string]any
+	if err := json.Unmarshal(opts, &m); err != nil {
+		return err
+	}
+	delete(m, "allowCredentials")
+	opts, _ = json.Marshal(m)
+	resp, err := p.Key.Assert(opts)
+	if err != nil {
+		return fmt.Errorf("security key: %w", err)
+	}
+	_, err = p.post(ctx, link+"/finish", map[string]any{"decision": decision, "credential": json.RawMessage(resp)})
+	return err
+}
