@@ -132,6 +132,8 @@ func DecodeBody(w http.ResponseWriter, r *http.Request, v any) error {
 			return fmt.Errorf("request body is larger than %d bytes", wire.MaxBodyBytes)
 		case errors.Is(err, io.EOF):
 			return errors.New("request body is empty; want a JSON object")
+		case errors.Is(err, io.ErrUnexpectedEOF):
+			return errors.New("request body is not valid JSON: it ends in the middle of a value")
 		case errors.As(err, &se):
 			return fmt.Errorf("request body is not valid JSON at byte %d: %v", se.Offset, err)
 		case errors.As(err, &te):

@@ -520,7 +520,7 @@ func TestSSH(t *testing.T) {
 		"-o", "CertificateFile=/s/grants/r1/id_ed25519-cert.pub", "-o", "IdentitiesOnly=yes",
 		"-o", "UserKnownHostsFile=/s/grants/r1/known_hosts", "-o", "GlobalKnownHostsFile=/dev/null",
 		"-o", "HostKeyAlias=db-prod.internal", "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes",
-		"-l", "postgres", "127.0.0.1",
+		"-l", "postgres", "--", "127.0.0.1",
 	}, "\n") + "\n"
 	tests := []struct {
 		name       string
@@ -530,7 +530,7 @@ func TestSSH(t *testing.T) {
 		wantErrHas string
 	}{
 		{"ok/interactive", []string{"--agent", sock, "ssh", "--ssh", fake, "db-prod"}, 3, wantArgs, ""},
-		{"ok/command", []string{"--agent", sock, "ssh", "--ssh", fake, "db-prod", "ls", "-la"}, 3, wantArgs + "--\nls\n-la\n", ""},
+		{"ok/command", []string{"--agent", sock, "ssh", "--ssh", fake, "db-prod", "ls", "-la"}, 3, wantArgs + "ls\n-la\n", ""},
 		{"err/no-tunnel", []string{"--agent", sock, "ssh", "--ssh", fake, "db-staging"}, 1, "", "no live tunnel to db-staging"},
 		{"err/expired-tunnel", []string{"--agent", sock, "ssh", "--ssh", fake, "db-old"}, 1, "", "no live tunnel to db-old"},
 		{"err/tcp-target", []string{"--agent", sock, "ssh", "--ssh", fake, "web"}, 1, "", "web is a tcp target, not ssh: connect your client to 127.0.0.1:40002"},

@@ -153,10 +153,8 @@ func sshArgs(t wire.Tunnel, target string, command []string) ([]string, error) {
 	if t.Login != "" {
 		argv = append(argv, "-l", t.Login)
 	}
-	argv = append(argv, ap.Addr().String())
-	if len(command) > 0 {
-		argv = append(argv, "--")
-		argv = append(argv, command...)
-	}
-	return argv, nil
+	// "--" ends ssh's options before the host: after the host, ssh takes
+	// every word, a "--" included, as the remote command.
+	argv = append(argv, "--", ap.Addr().String())
+	return append(argv, command...), nil
 }

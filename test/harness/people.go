@@ -12,6 +12,7 @@ import (
 	"crypto/x509"
 	"encoding/json"
 	"fmt"
+	"html"
 	"io"
 	"net/http"
 	"net/url"
@@ -204,13 +205,13 @@ var tagRE = regexp.MustCompile(`<[^>]*>`)
 var spaceRE = regexp.MustCompile(`[ \t]*\n[\s]*`)
 
 // TextOf strips a page to its visible text, one table row a line.
-func TextOf(html string) string {
-	if i := strings.Index(html, "<body"); i >= 0 {
-		html = html[i:]
+func TextOf(page string) string {
+	if i := strings.Index(page, "<body"); i >= 0 {
+		page = page[i:]
 	}
-	html = strings.NewReplacer("</tr>", "\n", "</h1>", "\n", "</p>", "\n", "<br>", "; ", "</th>", ": ").Replace(html)
-	t := tagRE.ReplaceAllString(html, "")
-	t = strings.NewReplacer("&lt;", "<", "&gt;", ">", "&amp;", "&", "&#34;", `"`, "&#39;", "'", "&middot;", "·").Replace(t)
+	page = strings.NewReplacer("</tr>", "\n", "</h1>", "\n", "</p>", "\n", "<br>", "; ", "</th>", ": ").Replace(page)
+	t := tagRE.ReplaceAllString(page, "")
+	t = html.UnescapeString(t)
 	return strings.TrimSpace(spaceRE.ReplaceAllString(t, "\n"))
 }
 
