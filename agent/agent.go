@@ -4,7 +4,8 @@
 // pinhole CLI talks to, sends signed posture reports, long-polls the broker
 // for the device's events, and for every grant makes fresh WireGuard and SSH
 // keys, activates the grant and brings a userspace tunnel up on a loopback
-// port until the grant ends.
+// port until the grant ends. Agent.Probe tries one TCP connection through a
+// live tunnel, to show which ports the gateway lets through.
 //
 // State directory layout (all secrets 0600):
 //
@@ -75,6 +76,10 @@ type Tunnel interface {
 	// Listen forwards connections accepted on local to dst through the
 	// tunnel until Close, and returns the bound address.
 	Listen(local string, dst netip.AddrPort) (net.Addr, error)
+	// DialContext opens a TCP connection through the tunnel to dst, a port
+	// on the granted target address. A port the gateway does not grant is
+	// refused (a TCP reset).
+	DialContext(ctx context.Context, dst netip.AddrPort) (net.Conn, error)
 	// Close tears the tunnel down and closes every forwarded connection.
 	Close() error
 }
@@ -243,6 +248,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		Transport: a.transport,
 		Status:    a.Status,
 		Wait:      a.Wait,
+		Probe:     a.probeWithin,
 		Logger:    a.log.With("component", "localapi"),
 	})
 	var (

@@ -18,6 +18,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -326,14 +327,21 @@ func (fakeCollector) Collect(context.Context) (posture.Report, error) {
 }
 
 // fakeTunnel stands in for a WireGuard tunnel: it records its config and
-// listens on a real loopback port.
+// listens on a real loopback port. DialContext behaves like the gateway: the
+// destination given to Listen connects, hangPort hangs until ctx ends and
+// every other port is refused with ECONNREFUSED, as a kernel dial would be.
 type fakeTunnel struct {
 	cfg    tunnel.Config
 	mu     sync.Mutex
 	lns    []net.Listener
+	dst    netip.AddrPort   // guarded by mu; the destination given to Listen
+	dials  []netip.AddrPort // guarded by mu
 	closed chan struct{}
 	once   sync.Once
 }
+
+// hangPort is the port a fakeTunnel dial never gets an answer from.
+const hangPort = 9
 
 func (f *fakeTunnel) Listen(local string, dst netip.AddrPort) (net.Addr, error) {
 	ln, err := net.Listen("tcp", local)
@@ -342,8 +350,39 @@ func (f *fakeTunnel) Listen(local string, dst netip.AddrPort) (net.Addr, error) 
 	}
 	f.mu.Lock()
 	f.lns = append(f.lns, ln)
+	f.dst = dst
 	f.mu.Unlock()
 	return ln.Addr(), nil
+}
+
+func (f *fakeTunnel) DialContext(ctx context.Context, dst netip.AddrPort) (net.Conn, error) {
+	select {
+	case <-f.closed:
+		return nil, tunnel.ErrClosed
+	default:
+	}
+	f.mu.Lock()
+	f.dials = append(f.dials, dst)
+	granted := f.dst
+	f.mu.Unlock()
+	switch {
+	case dst == granted:
+		c, far := net.Pipe()
+		far.Close()
+		return c, nil
+	case dst.Port() == hangPort:
+		<-ctx.Done()
+		return nil, &net.OpError{Op: "dial", Net: "tcp", Addr: net.TCPAddrFromAddrPort(dst), Err: ctx.Err()}
+	default:
+		return nil, &net.OpError{Op: "dial", Net: "tcp", Addr: net.TCPAddrFromAddrPort(dst), Err: os.NewSyscallError("connect", syscall.ECONNREFUSED)}
+	}
+}
+
+// dialed returns the destinations dialed so far.
+func (f *fakeTunnel) dialed() []netip.AddrPort {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]netip.AddrPort(nil), f.dials...)
 }
 
 func (f *fakeTunnel) Close() error {

@@ -32,7 +32,9 @@ type grant struct {
 	// Guarded by Agent.mu.
 	up        bool
 	info      wire.Tunnel
-	endState  string // set by endGrant before cancel
+	tun       Tunnel         // set while up
+	dst       netip.AddrPort // the granted destination; set while up
+	endState  string         // set by endGrant before cancel
 	endReason string
 }
 
@@ -108,7 +110,7 @@ func (a *Agent) runGrant(ctx context.Context, g *grant) {
 	}
 
 	a.mu.Lock()
-	g.up, g.info = true, info
+	g.up, g.info, g.tun, g.dst = true, info, tun, act.dst
 	a.notifyLocked()
 	a.mu.Unlock()
 	log.Info(fmt.Sprintf("tunnel up: %s via %s until %s", info.Target, info.Local, info.ExpiresAt.UTC().Format(time.RFC3339)),
@@ -128,7 +130,7 @@ func (a *Agent) runGrant(ctx context.Context, g *grant) {
 
 	// Mark the tunnel down before closing it, so nobody is handed a dead one.
 	a.mu.Lock()
-	g.up = false
+	g.up, g.tun = false, nil
 	if g.endState != "" {
 		state, reason = g.endState, g.endReason
 	}

@@ -414,4 +414,3 @@ func meta(s sshproxy.SessionInfo) service.SessionMeta {
 	return service.SessionMeta{ID: s.ID, Request: s.GrantID, User: s.Requester, Target: s.Target, Login: s.Login, Kind: s.Kind,
 		Command: s.Command, Term: s.Term, Width: s.Width, Height: s.Height, Started: s.Started}
 }
-

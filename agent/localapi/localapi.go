@@ -1,11 +1,13 @@
 // Package localapi serves the agent's local API on a unix socket: the CLI's
 // only way in. It forwards /v1/ calls to the broker with the device's TLS
-// identity, reports the agent's status and lets the CLI wait for a request's
-// tunnel. Access control is the socket's file mode (0600, see ListenUnix):
+// identity, reports the agent's status, lets the CLI wait for a request's
+// tunnel and probe a port through a live tunnel. Access control is the socket's file mode (0600, see ListenUnix):
 // whoever can connect acts as the device.
 //
 // Routes (package wire): GET|POST /v1/... forwarded; GET /local/status;
-// GET /local/wait?request=ID&timeout=60s (timeout at most MaxWait). Only GET
+// GET /local/wait?request=ID&timeout=60s (timeout at most MaxWait);
+// GET /local/probe?target=NAME&port=N&timeout=3s (port optional, timeout at
+// most MaxProbeTimeout). Only GET
 // and POST are accepted, request bodies are bounded by wire.MaxBodyBytes, and
 // every error is a wire.Error.
 package localapi
@@ -22,6 +24,7 @@ import (
 	"net/http/httputil"
 	"net/url"
 	"os"
+	"strconv"
 	"strings"
 	"time"
 
@@ -37,6 +40,12 @@ const (
 	MaxWait = 10 * time.Minute
 	// maxRequestIDLen bounds the request parameter.
 	maxRequestIDLen = 128
+	// DefaultProbeTimeout is the probe timeout when the parameter is absent.
+	DefaultProbeTimeout = 3 * time.Second
+	// MaxProbeTimeout is the longest probe timeout accepted.
+	MaxProbeTimeout = 30 * time.Second
+	// MaxTargetLen bounds the target parameter of GET /local/probe.
+	MaxTargetLen = 64
 	// shutdownGrace bounds how long Serve waits for handlers after ctx ends.
 	shutdownGrace = 5 * time.Second
 )
@@ -55,9 +64,19 @@ type Config struct {
 	// returns an error: a *RefusedError when the request will never get one,
 	// a *client.APIError from the broker, or ctx's error.
 	Wait func(ctx context.Context, requestID string) (wire.Tunnel, error)
+	// Probe opens one TCP connection through the live tunnel of target to
+	// the grant's destination address and port (0 means the granted port),
+	// closes it at once and reports the outcome. ctx carries the deadline
+	// of timeout. It returns an error wrapping ErrNoTunnel when target has
+	// no live tunnel, or ctx's error when the caller went away; refusals and
+	// timeouts are outcomes, not errors.
+	Probe func(ctx context.Context, target string, port int, timeout time.Duration) (wire.LocalProbe, error)
 	// Logger receives operational logs; nil discards them.
 	Logger *slog.Logger
 }
+
+// ErrNoTunnel is wrapped by a Probe error when the target has no live tunnel.
+var ErrNoTunnel = errors.New("no live tunnel")
 
 // RefusedError says a request will never get a tunnel.
 type RefusedError struct {
@@ -123,6 +142,7 @@ func New(cfg Config) *Server {
 	mux.HandleFunc("/v1/", s.forward)
 	mux.HandleFunc(wire.PathLocalStatus, getOnly(s.status))
 	mux.HandleFunc(wire.PathLocalWait, getOnly(s.wait))
+	mux.HandleFunc(wire.PathLocalProbe, getOnly(s.probe))
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, "not_found", fmt.Sprintf("no such path %s %s", r.Method, r.URL.Path))
 	})
@@ -251,6 +271,59 @@ func (s *Server) wait(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusGatewayTimeout, "timeout", fmt.Sprintf("request %s has no tunnel after %s", id, timeout))
 	default:
 		s.log.Warn("waiting for tunnel failed", "request", id, "err", err)
+		writeError(w, http.StatusBadGateway, "unavailable", err.Error())
+	}
+}
+
+// parseProbe validates the parameters of GET /local/probe. A port of 0
+// means the parameter was absent.
+func parseProbe(q url.Values) (target string, port int, timeout time.Duration, err error) {
+	target = q.Get("target")
+	if target == "" {
+		return "", 0, 0, errors.New("parameter target is required")
+	}
+	if len(target) > MaxTargetLen || strings.ContainsFunc(target, func(r rune) bool { return r < 0x21 || r == 0x7f }) {
+		return "", 0, 0, fmt.Errorf("parameter target is not a target name (at most %d printable characters)", MaxTargetLen)
+	}
+	if p := q.Get("port"); p != "" {
+		n, perr := strconv.ParseUint(p, 10, 16)
+		if perr != nil || n == 0 {
+			return "", 0, 0, fmt.Errorf("parameter port must be a number between 1 and 65535, got %q", p)
+		}
+		port = int(n)
+	}
+	timeout = DefaultProbeTimeout
+	if t := q.Get("timeout"); t != "" {
+		timeout, err = time.ParseDuration(t)
+		if err != nil || timeout <= 0 || timeout > MaxProbeTimeout {
+			return "", 0, 0, fmt.Errorf("parameter timeout must be a duration between 0 and %s, got %q", MaxProbeTimeout, t)
+		}
+	}
+	return target, port, timeout, nil
+}
+
+func (s *Server) probe(w http.ResponseWriter, r *http.Request) {
+	if s.cfg.Probe == nil {
+		writeError(w, http.StatusServiceUnavailable, "unavailable", "the agent cannot probe tunnels")
+		return
+	}
+	target, port, timeout, err := parseProbe(r.URL.Query())
+	if err != nil {
+		writeError(w, http.StatusBadRequest, "bad_request", err.Error())
+		return
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), timeout)
+	defer cancel()
+	p, err := s.cfg.Probe(ctx, target, port, timeout)
+	switch {
+	case err == nil:
+		writeJSON(w, http.StatusOK, p)
+	case errors.Is(err, ErrNoTunnel):
+		writeError(w, http.StatusNotFound, "not_found", err.Error())
+	case r.Context().Err() != nil:
+		writeError(w, http.StatusServiceUnavailable, "unavailable", "the agent is shutting down")
+	default:
+		s.log.Warn("probe failed", "target", target, "port", port, "err", err)
 		writeError(w, http.StatusBadGateway, "unavailable", err.Error())
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -12,6 +13,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -100,6 +102,7 @@ func TestForward(t *testing.T) {
 		{"deny/body-too-large", "POST", "/v1/requests", strings.Repeat("a", wire.MaxBodyBytes+1), 413, map[string]string{"error": "request body is larger than 65536 bytes", "code": "too_large"}},
 		{"deny/unknown-path", "GET", "/admin", "", 404, map[string]string{"error": "no such path GET /admin", "code": "not_found"}},
 		{"deny/local-status-post", "POST", "/local/status", "", 405, nil},
+		{"deny/local-probe-post", "POST", "/local/probe?target=db", "", 405, nil},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -240,6 +243,119 @@ func TestWait(t *testing.T) {
 	}
 }
 
+func TestProbe(t *testing.T) {
+	t.Parallel()
+	type call struct {
+		Target  string
+		Port    int
+		Timeout time.Duration
+	}
+	calls := make(chan call, 16)
+	probe := func(ctx context.Context, target string, port int, timeout time.Duration) (wire.LocalProbe, error) {
+		calls <- call{target, port, timeout}
+		if _, ok := ctx.Deadline(); !ok {
+			return wire.LocalProbe{}, errors.New("no deadline")
+		}
+		if port == 0 {
+			port = 22
+		}
+		switch target {
+		case "db":
+			p := wire.LocalProbe{Target: target, Destination: "10.0.0.1:" + strconv.Itoa(port), Port: port, Connected: true}
+			if port != 22 {
+				p.Connected, p.Error = false, wire.ProbeRefused
+			}
+			return p, nil
+		case "gone":
+			return wire.LocalProbe{}, fmt.Errorf("%w to %s", ErrNoTunnel, target)
+		case "slow":
+			<-ctx.Done()
+			return wire.LocalProbe{Target: target, Port: port, Error: wire.ProbeTimedOut}, nil
+		}
+		return wire.LocalProbe{}, errors.New("tunnel exploded")
+	}
+	sock, hc := serve(t, Config{Probe: probe})
+	c := client.ForAgent(sock)
+	long := strings.Repeat("x", MaxTargetLen+1)
+	tests := []struct {
+		name     string
+		target   string
+		port     int
+		timeout  time.Duration
+		want     wire.LocalProbe
+		wantCall *call
+		wantErr  *client.APIError
+	}{
+		{name: "ok/default-port-and-timeout", target: "db", want: wire.LocalProbe{Target: "db", Destination: "10.0.0.1:22", Port: 22, Connected: true}, wantCall: &call{"db", 0, DefaultProbeTimeout}},
+		{name: "ok/refused", target: "db", port: 5432, timeout: time.Second, want: wire.LocalProbe{Target: "db", Destination: "10.0.0.1:5432", Port: 5432, Error: wire.ProbeRefused}, wantCall: &call{"db", 5432, time.Second}},
+		{name: "ok/max-port-and-timeout", target: "db", port: 65535, timeout: MaxProbeTimeout, want: wire.LocalProbe{Target: "db", Destination: "10.0.0.1:65535", Port: 65535, Error: wire.ProbeRefused}, wantCall: &call{"db", 65535, MaxProbeTimeout}},
+		{name: "ok/timeout-enforced", target: "slow", port: 22, timeout: 20 * time.Millisecond, want: wire.LocalProbe{Target: "slow", Port: 22, Error: wire.ProbeTimedOut}, wantCall: &call{"slow", 22, 20 * time.Millisecond}},
+		{name: "err/no-tunnel", target: "gone", wantErr: &client.APIError{Status: 404, Code: "not_found", Message: "no live tunnel to gone"}},
+		{name: "err/other", target: "boom", wantErr: &client.APIError{Status: 502, Code: "unavailable", Message: "tunnel exploded"}},
+		{name: "err/port-too-large", target: "db", port: 65536, wantErr: &client.APIError{Status: 400, Code: "bad_request", Message: `parameter port must be a number between 1 and 65535, got "65536"`}},
+		{name: "err/port-negative", target: "db", port: -1, wantErr: &client.APIError{Status: 400, Code: "bad_request", Message: `parameter port must be a number between 1 and 65535, got "-1"`}},
+		{name: "err/timeout-too-long", target: "db", timeout: MaxProbeTimeout + time.Second, wantErr: &client.APIError{Status: 400, Code: "bad_request", Message: `parameter timeout must be a duration between 0 and 30s, got "31s"`}},
+		{name: "err/no-target", target: "", wantErr: &client.APIError{Status: 400, Code: "bad_request", Message: "parameter target is required"}},
+		{name: "err/target-too-long", target: long, wantErr: &client.APIError{Status: 400, Code: "bad_request", Message: "parameter target is not a target name (at most 64 printable characters)"}},
+		{name: "err/target-with-space", target: "db prod", wantErr: &client.APIError{Status: 400, Code: "bad_request", Message: "parameter target is not a target name (at most 64 printable characters)"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := c.LocalProbe(t.Context(), tt.target, tt.port, tt.timeout)
+			var gotCall *call
+			select {
+			case cl := <-calls:
+				gotCall = &cl
+			default:
+			}
+			if tt.wantErr == nil {
+				if err != nil {
+					t.Fatal(err)
+				}
+				if diff := cmp.Diff(got, tt.want); diff != "" {
+					t.Errorf("probe (-got +want):\n%s", diff)
+				}
+				if diff := cmp.Diff(gotCall, tt.wantCall); diff != "" {
+					t.Errorf("Probe call (-got +want):\n%s", diff)
+				}
+				return
+			}
+			var ae *client.APIError
+			if !errors.As(err, &ae) {
+				t.Fatalf("error = %v, want an APIError", err)
+			}
+			if diff := cmp.Diff(ae, tt.wantErr); diff != "" {
+				t.Errorf("error (-got +want):\n%s", diff)
+			}
+		})
+	}
+	t.Run("err/bad-query", func(t *testing.T) {
+		for _, q := range []string{"target=db&port=0", "target=db&port=%2B22", "target=db&port=22x", "target=db&timeout=0s", "target=db&timeout=soon", "target=d%00b"} {
+			resp, err := hc.Get("http://agent" + wire.PathLocalProbe + "?" + q)
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusBadRequest {
+				t.Errorf("GET ?%s: status %d, want 400", q, resp.StatusCode)
+			}
+		}
+		select {
+		case cl := <-calls:
+			t.Errorf("Probe called with %+v for a bad query", cl)
+		default:
+		}
+	})
+	t.Run("err/not-configured", func(t *testing.T) {
+		sock, _ := serve(t, Config{})
+		_, err := client.ForAgent(sock).LocalProbe(t.Context(), "db", 0, 0)
+		var ae *client.APIError
+		if !errors.As(err, &ae) || ae.Status != 503 || ae.Code != "unavailable" {
+			t.Errorf("error = %#v, want 503 unavailable", err)
+		}
+	})
+}
+
 func TestServeStopsPendingWait(t *testing.T) {
 	t.Parallel()
 	started := make(chan struct{})
@@ -359,6 +475,32 @@ func FuzzParseWait(f *testing.F) {
 		}
 		if id == "" || len(id) > maxRequestIDLen || d <= 0 || d > MaxWait {
 			t.Fatalf("parseWait(%q) accepted id %q timeout %v", raw, id, d)
+		}
+	})
+}
+
+func FuzzParseProbe(f *testing.F) {
+	f.Add("target=db-prod&port=5432&timeout=3s")
+	f.Add("target=db")
+	f.Add("target=&port=0&timeout=-1s")
+	f.Add("target=db&port=65536&timeout=31s")
+	f.Add("target=d%00b&port=%2B1")
+	f.Add("port=22&timeout=9223372036854775807ns&target=x")
+	f.Fuzz(func(t *testing.T, raw string) {
+		q, err := url.ParseQuery(raw)
+		if err != nil {
+			return
+		}
+		target, port, d, err := parseProbe(q)
+		if err != nil {
+			return
+		}
+		if target == "" || len(target) > MaxTargetLen || strings.ContainsAny(target, " \t\r\n\x00") ||
+			port < 0 || port > 65535 || d <= 0 || d > MaxProbeTimeout {
+			t.Fatalf("parseProbe(%q) accepted target %q port %d timeout %v", raw, target, port, d)
+		}
+		if q.Get("port") != "" && port == 0 {
+			t.Fatalf("parseProbe(%q) accepted port 0", raw)
 		}
 	})
 }

@@ -80,6 +80,7 @@ func root() *command {
 			requestCmd(),
 			statusCmd(),
 			sshCmd(),
+			probeCmd(),
 			revokeCmd(),
 			recordingsCmd(),
 			playCmd(),

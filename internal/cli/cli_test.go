@@ -30,6 +30,7 @@ type fakeAgent struct {
 	mu      sync.Mutex
 	created []wire.CreateRequest
 	revoked []wire.RevokeRequest
+	probes  []string // raw queries of /local/probe
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {
@@ -80,6 +81,35 @@ func (f *fakeAgent) handler() http.Handler {
 			{Request: "r0", Target: "db-old", Protocol: "ssh", Local: "127.0.0.1:40000", ExpiresAt: time.Now().Add(-time.Minute)},
 			{Request: "r-tcp", Target: "web", Protocol: "tcp", Local: "127.0.0.1:40002", ExpiresAt: time.Now().Add(time.Hour)},
 		}})
+	})
+	mux.HandleFunc("GET /local/probe", func(w http.ResponseWriter, r *http.Request) {
+		q := r.URL.Query()
+		f.mu.Lock()
+		f.probes = append(f.probes, r.URL.RawQuery)
+		f.mu.Unlock()
+		target := q.Get("target")
+		if target != "db-prod" {
+			writeJSON(w, 404, wire.Error{Error: "no live tunnel to " + target, Code: "not_found"})
+			return
+		}
+		port := 22
+		if p := q.Get("port"); p != "" {
+			port, _ = strconv.Atoi(p)
+		}
+		p := wire.LocalProbe{Target: target, Destination: fmt.Sprintf("100.80.0.1:%d", port), Port: port}
+		switch port {
+		case 22:
+			p.Connected = true
+		case 9:
+			p.Error = wire.ProbeTimedOut
+		case 23:
+			p.Error = "connection refused on the granted port: the gateway could not reach the target, or the grant just ended"
+		case 24:
+			// A malformed answer: neither connected nor a reason.
+		default:
+			p.Error = wire.ProbeRefused
+		}
+		writeJSON(w, 200, p)
 	})
 	mux.HandleFunc("POST /v1/grants/{id}/revoke", func(w http.ResponseWriter, r *http.Request) {
 		var req wire.RevokeRequest
@@ -303,6 +333,104 @@ func TestCommands(t *testing.T) {
 			wantErrHas: "pinhole revoke: missing ID\nusage: pinhole revoke ID [--reason TEXT]\n",
 		},
 		{
+			name:    "ok/probe-granted-port",
+			args:    []string{"--agent", std, "probe", "db-prod"},
+			wantOut: "probe db-prod port 22: connected (granted)\n",
+		},
+		{
+			name:    "ok/probe-port",
+			args:    []string{"--agent", std, "probe", "--port", "22", "db-prod", "--timeout", "1s"},
+			wantOut: "probe db-prod port 22: connected (granted)\n",
+		},
+		{
+			name:     "refused/probe-not-granted",
+			args:     []string{"--agent", std, "probe", "db-prod", "--port", "5432"},
+			wantCode: 1,
+			wantOut:  "probe db-prod port 5432: refused by the gateway (not granted)\n",
+		},
+		{
+			name:     "fail/probe-timeout",
+			args:     []string{"--agent", std, "probe", "db-prod", "--port", "9", "--timeout", "500ms"},
+			wantCode: 1,
+			wantOut:  "probe db-prod port 9: no answer within 500ms (timed out: is the gateway reachable?)\n",
+		},
+		{
+			name:     "fail/probe-granted-port-refused",
+			args:     []string{"--agent", std, "probe", "db-prod", "--port", "23"},
+			wantCode: 1,
+			wantOut:  "probe db-prod port 23: failed: connection refused on the granted port: the gateway could not reach the target, or the grant just ended\n",
+		},
+		{
+			name:     "fail/probe-no-reason",
+			args:     []string{"--agent", std, "probe", "db-prod", "--port", "24"},
+			wantCode: 1,
+			wantOut:  "probe db-prod port 24: failed: the agent gave no reason\n",
+		},
+		{
+			name:       "err/probe-no-tunnel",
+			args:       []string{"--agent", std, "probe", "db-staging"},
+			wantCode:   1,
+			wantErrHas: "pinhole: probe db-staging: no live tunnel to db-staging; ask for one with: pinhole request db-staging --for 30m --reason TEXT\n",
+		},
+		{
+			name:       "usage/probe-no-target",
+			args:       []string{"--agent", std, "probe", "--port", "22"},
+			wantCode:   2,
+			wantErrHas: "pinhole probe: missing TARGET\nusage: pinhole probe TARGET [--port N] [--timeout 3s]\n",
+		},
+		{
+			name:       "usage/probe-two-targets",
+			args:       []string{"--agent", std, "probe", "a", "b"},
+			wantCode:   2,
+			wantErrHas: `unexpected argument "b"`,
+		},
+		{
+			name:       "usage/probe-port-too-large",
+			args:       []string{"--agent", std, "probe", "db-prod", "--port", "70000"},
+			wantCode:   2,
+			wantErrHas: "flag --port must be between 1 and 65535, got 70000",
+		},
+		{
+			name:       "usage/probe-port-negative",
+			args:       []string{"--agent", std, "probe", "db-prod", "--port", "-1"},
+			wantCode:   2,
+			wantErrHas: "flag --port must be between 1 and 65535, got -1",
+		},
+		{
+			name:       "usage/probe-port-not-a-number",
+			args:       []string{"--agent", std, "probe", "db-prod", "--port", "ssh"},
+			wantCode:   2,
+			wantErrHas: `invalid value "ssh" for flag -port`,
+		},
+		{
+			name:       "usage/probe-timeout-too-long",
+			args:       []string{"--agent", std, "probe", "db-prod", "--timeout", "1m"},
+			wantCode:   2,
+			wantErrHas: "flag --timeout must be between 0 and 30s, got 1m0s",
+		},
+		{
+			name:       "usage/probe-timeout-zero",
+			args:       []string{"--agent", std, "probe", "db-prod", "--timeout", "0s"},
+			wantCode:   2,
+			wantErrHas: "flag --timeout must be between 0 and 30s, got 0s",
+		},
+		{
+			name:       "usage/probe-target-too-long",
+			args:       []string{"--agent", std, "probe", strings.Repeat("x", 65)},
+			wantCode:   2,
+			wantErrHas: "TARGET is longer than 64 bytes",
+		},
+		{
+			name:       "ok/help-probe",
+			args:       []string{"help", "probe"},
+			wantOutHas: "usage: pinhole probe TARGET [--port N] [--timeout 3s]\n\nCheck whether a port is reachable through a target's live tunnel.\n",
+		},
+		{
+			name:       "ok/help-lists-probe",
+			args:       []string{"help"},
+			wantOutHas: "  probe       check whether a port is reachable through a target's live tunnel\n",
+		},
+		{
 			name:    "ok/admin-user-add",
 			args:    []string{"--agent", std, "admin", "user", "add", "bob", "--role", "dba"},
 			wantOut: "invite for bob (role dba), valid until 2026-05-01 12:45:00 UTC:\n  https://broker:8443/invite/tok\n",
@@ -468,6 +596,24 @@ func TestRequestSendsTTLAndReason(t *testing.T) {
 	}
 }
 
+func TestProbeSendsParameters(t *testing.T) {
+	t.Parallel()
+	f := &fakeAgent{}
+	sock := f.serve(t)
+	for _, args := range [][]string{
+		{"probe", "db-prod"},
+		{"probe", "db-prod", "--port", "5432", "--timeout", "10s"},
+	} {
+		run(t, append([]string{"--agent", sock}, args...)...)
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	want := []string{"target=db-prod&timeout=3s", "port=5432&target=db-prod&timeout=10s"}
+	if len(f.probes) != len(want) || f.probes[0] != want[0] || f.probes[1] != want[1] {
+		t.Errorf("probe queries %q, want %q", f.probes, want)
+	}
+}
+
 func TestAuditVerifyFile(t *testing.T) {
 	t.Parallel()
 	dir := t.TempDir()
@@ -531,6 +677,7 @@ func TestSSH(t *testing.T) {
 	}{
 		{"ok/interactive", []string{"--agent", sock, "ssh", "--ssh", fake, "db-prod"}, 3, wantArgs, ""},
 		{"ok/command", []string{"--agent", sock, "ssh", "--ssh", fake, "db-prod", "ls", "-la"}, 3, wantArgs + "ls\n-la\n", ""},
+		{"ok/command-after-dashes", []string{"--agent", sock, "ssh", "--ssh", fake, "db-prod", "--", "ls", "-la"}, 3, wantArgs + "ls\n-la\n", ""},
 		{"err/no-tunnel", []string{"--agent", sock, "ssh", "--ssh", fake, "db-staging"}, 1, "", "no live tunnel to db-staging"},
 		{"err/expired-tunnel", []string{"--agent", sock, "ssh", "--ssh", fake, "db-old"}, 1, "", "no live tunnel to db-old"},
 		{"err/tcp-target", []string{"--agent", sock, "ssh", "--ssh", fake, "web"}, 1, "", "web is a tcp target, not ssh: connect your client to 127.0.0.1:40002"},

@@ -73,6 +73,9 @@ func sshCmd() *command {
 			return usagef(path, "missing TARGET")
 		}
 		target, command := rest[0], rest[1:]
+		if len(command) > 0 && command[0] == "--" {
+			command = command[1:] // "pinhole ssh TARGET -- cmd" as well as "pinhole ssh TARGET cmd"
+		}
 		cl, err := e.client()
 		if err != nil {
 			return err

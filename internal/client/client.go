@@ -242,6 +242,25 @@ func (c *Client) LocalWait(ctx context.Context, requestID string, timeout time.D
 	return out, c.do(ctx, http.MethodGet, wire.PathLocalWait, q, nil, &out)
 }
 
+// LocalProbe asks the agent to open one TCP connection through the live
+// tunnel of target to the grant's destination address and port (0 means the
+// granted port), waiting up to timeout (0 means the agent's default; the
+// agent caps it). A refusal or a timeout is an answer (wire.LocalProbe with
+// Error wire.ProbeRefused or wire.ProbeTimedOut), not an error; a target
+// without a live tunnel is an *APIError with Status 404.
+func (c *Client) LocalProbe(ctx context.Context, target string, port int, timeout time.Duration) (wire.LocalProbe, error) {
+	q := url.Values{}
+	q.Set("target", target)
+	if port != 0 {
+		q.Set("port", strconv.Itoa(port))
+	}
+	if timeout > 0 {
+		q.Set("timeout", timeout.String())
+	}
+	var out wire.LocalProbe
+	return out, c.do(ctx, http.MethodGet, wire.PathLocalProbe, q, nil, &out)
+}
+
 // withID fills the {id} parameter of a wire path.
 func withID(path, id string) string {
 	return strings.Replace(path, "{id}", url.PathEscape(id), 1)

@@ -178,6 +178,22 @@ func TestMethods(t *testing.T) {
 			want:   seen{Method: "GET", Path: "/local/wait", Query: "request=r1&timeout=1m0s"},
 			got:    wire.Tunnel{Request: "r1", Local: "127.0.0.1:4000"},
 		},
+		{
+			name:   "ok/local-probe",
+			answer: `{"target":"db","destination":"10.0.0.1:5432","port":5432,"connected":false,"error":"connection refused"}`,
+			call: func(ctx context.Context, c *Client) (any, error) {
+				return c.LocalProbe(ctx, "db", 5432, 3*time.Second)
+			},
+			want: seen{Method: "GET", Path: "/local/probe", Query: "port=5432&target=db&timeout=3s"},
+			got:  wire.LocalProbe{Target: "db", Destination: "10.0.0.1:5432", Port: 5432, Error: wire.ProbeRefused},
+		},
+		{
+			name:   "ok/local-probe-defaults",
+			answer: `{"target":"db prod","destination":"10.0.0.1:22","port":22,"connected":true}`,
+			call:   func(ctx context.Context, c *Client) (any, error) { return c.LocalProbe(ctx, "db prod", 0, 0) },
+			want:   seen{Method: "GET", Path: "/local/probe", Query: "target=db+prod"},
+			got:    wire.LocalProbe{Target: "db prod", Destination: "10.0.0.1:22", Port: 22, Connected: true},
+		},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -209,6 +209,7 @@ type Recording struct {
 const (
 	PathLocalStatus = "/local/status" // GET -> LocalStatus
 	PathLocalWait   = "/local/wait"   // GET ?request=ID&timeout=60s -> Tunnel once up, or Error
+	PathLocalProbe  = "/local/probe"  // GET ?target=NAME&port=N&timeout=3s -> LocalProbe, or Error (404: no live tunnel)
 )
 
 // LocalStatus is the agent's view of itself.
@@ -231,4 +232,24 @@ type Tunnel struct {
 	CertFile       string    `json:"cert_file,omitempty"`
 	KnownHostsFile string    `json:"known_hosts_file,omitempty"`
 	HostKeyAlias   string    `json:"host_key_alias,omitempty"`
+}
+
+// Values of LocalProbe.Error the CLI branches on; any other non-empty value
+// is a human-readable description of the failure.
+const (
+	// ProbeRefused: the gateway refused the connection (TCP RST), which it
+	// does for every port the grant does not cover.
+	ProbeRefused = "connection refused"
+	// ProbeTimedOut: no answer came through the tunnel before the timeout.
+	ProbeTimedOut = "timed out"
+)
+
+// LocalProbe is the outcome of one TCP connection attempt through a live
+// tunnel. The connection is closed at once; no data is sent.
+type LocalProbe struct {
+	Target      string `json:"target"`
+	Destination string `json:"destination"` // the tunnel ip:port dialed
+	Port        int    `json:"port"`
+	Connected   bool   `json:"connected"`
+	Error       string `json:"error,omitempty"` // ProbeRefused, ProbeTimedOut or a description; empty when Connected
 }

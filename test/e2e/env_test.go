@@ -48,6 +48,8 @@ func requireTool(t *testing.T, path string) {
 type env struct {
 	t      *testing.T
 	ctx    context.Context
+	cfg    broker.Config
+	stop   func() // stops the running broker and waits for it
 	dir    string
 	b      *broker.Broker
 	url    string
@@ -120,22 +122,11 @@ func newEnv(t *testing.T) *env {
 	if err := os.WriteFile(cfg, []byte(fmt.Sprintf(testConfig, e.sshd.Addr, e.login, e.sshd.HostKey, e.echo)), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	e.b, err = broker.New(ctx, broker.Config{DataDir: filepath.Join(e.dir, "broker"), ConfigFile: cfg, Listen: "127.0.0.1:0",
-		WireGuardPort: 0, NotifyWebhook: e.hook.URL, Logger: testLogger(t)})
-	if err != nil {
-		cancel()
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- e.b.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("broker run: %v", err)
-		}
-	})
-	e.url = e.b.URL
-	e.caFile = e.b.CAFile
+	e.cfg = broker.Config{DataDir: filepath.Join(e.dir, "broker"), ConfigFile: cfg, Listen: "127.0.0.1:0",
+		WireGuardPort: 0, NotifyWebhook: e.hook.URL, Logger: testLogger(t)}
+	t.Cleanup(cancel)
+	e.startBroker()
+	t.Cleanup(func() { e.stop() })
 	if err := e.sshd.Start(e.b.UserCAKey()); err != nil {
 		t.Fatal(err)
 	}
@@ -148,6 +139,32 @@ func testLogger(t *testing.T) *slog.Logger {
 		return slog.New(slog.DiscardHandler)
 	}
 	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug})).With("test", t.Name())
+}
+
+// startBroker starts a broker on the env's data dir (again, after stop).
+func (e *env) startBroker() {
+	e.t.Helper()
+	ctx, cancel := context.WithCancel(e.ctx)
+	b, err := broker.New(ctx, e.cfg)
+	if err != nil {
+		cancel()
+		e.t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- b.Run(ctx) }()
+	var once sync.Once
+	e.stop = func() {
+		once.Do(func() {
+			cancel()
+			if err := <-done; err != nil {
+				e.t.Errorf("broker run: %v", err)
+			}
+		})
+	}
+	e.b, e.url, e.caFile = b, b.URL, b.CAFile
+	for _, p := range e.people {
+		p.SetBroker(e.url)
+	}
 }
 
 // invite creates a user and registers their security key.
@@ -323,4 +340,3 @@ func sshArgs(tun wire.Tunnel, command string) []string {
 		"-o", "UserKnownHostsFile=" + tun.KnownHostsFile, "-o", "GlobalKnownHostsFile=/dev/null", "-o", "HostKeyAlias=" + tun.HostKeyAlias,
 		"-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-l", tun.Login, "127.0.0.1", command}
 }
-

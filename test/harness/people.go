@@ -240,3 +240,10 @@ func (p *Person) DecideWithViewAnyCredential(ctx context.Context, link string, a
 	_, err = p.post(ctx, link+"/finish", map[string]any{"decision": decision, "credential": json.RawMessage(resp)})
 	return err
 }
+
+// SetBroker points the person's browser at a broker that moved to another
+// port (after a restart in tests). The security key stays bound to the RP ID.
+func (p *Person) SetBroker(brokerURL string) {
+	p.origin = brokerURL
+	p.Key.SetOrigin(brokerURL)
+}

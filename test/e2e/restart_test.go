@@ -1,0 +1,86 @@
+package e2e
+
+import (
+	"bufio"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/pinhole-dev/pinhole/internal/sshca"
+	"github.com/pinhole-dev/pinhole/internal/wgkey"
+	"github.com/pinhole-dev/pinhole/internal/wire"
+)
+
+// TestInvariant07RestartNeverResurrects: a grant that expired while the
+// broker was down stays ended after restart and gets no peer back; a grant
+// still active comes back with its peer and carries traffic again.
+func TestInvariant07RestartNeverResurrects(t *testing.T) {
+	e := newEnv(t)
+	alice := e.invite("alice", "dba")
+	bob := e.invite("bob", "approver")
+	ws := e.enroll(alice)
+	dc := e.deviceClient(ws)
+
+	activate := func(ttl string) (wire.Request, wire.Activation, wgkey.Private) {
+		req, err := dc.CreateRequest(e.ctx, wire.CreateRequest{Target: "db-prod", TTL: ttl, Reason: "INC-7 restart"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		e.approve(req.ID, bob)
+		req = waitGranted(t, e.ctx, dc, req.ID)
+		priv, _ := wgkey.NewPrivate(nil)
+		sk, _ := sshca.NewKey(nil)
+		act, err := dc.Activate(e.ctx, req.ID, wire.ActivateRequest{WireGuardPublicKey: priv.Public().String(), SSHPublicKey: sshca.AuthorizedKey(sk.PublicKey())})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return req, act, priv
+	}
+	short, _, _ := activate("2s")
+	long, _, longKey := activate("10m")
+	if got := e.b.Gateway().Peers(); got != 2 {
+		t.Fatalf("peers before restart = %d, want 2", got)
+	}
+
+	e.stop()
+	waitUntil(t, 10*time.Second, "short grant's end while the broker is down", func() bool { return time.Now().After(short.GrantEnds.Add(200 * time.Millisecond)) })
+	e.startBroker()
+	dc = e.deviceClient(ws)
+
+	if got := e.b.Gateway().Peers(); got != 1 {
+		t.Fatalf("peers after restart = %d, want 1 (only the active grant)", got)
+	}
+	r, err := dc.Request(e.ctx, short.ID)
+	if err != nil || r.State != "ended" || r.EndReason == "" {
+		t.Fatalf("expired grant after restart: %+v %v", r, err)
+	}
+	if _, err := dc.Activate(e.ctx, short.ID, wire.ActivateRequest{WireGuardPublicKey: longKey.Public().String()}); err == nil {
+		t.Fatal("an expired grant could be activated after restart")
+	}
+	r, err = dc.Request(e.ctx, long.ID)
+	if err != nil || r.State != "granted" {
+		t.Fatalf("active grant after restart: %+v %v", r, err)
+	}
+
+	// The restored peer works: same key, same tunnel address, new gateway port.
+	gw := wire.Activation{GatewayPublicKey: e.b.Gateway().PublicKey().String(),
+		GatewayEndpoint: netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(e.b.WireGuardPort())).String()}
+	evs := e.auditEvents()
+	var addr, dst string
+	for _, ev := range evs {
+		if ev.Type == "grant.activated" && ev.Request == long.ID {
+			addr, dst = ev.Details["tunnel_address"], ev.Details["destination"]
+		}
+	}
+	p := newRawPeer(t, gw, longKey, netip.MustParseAddr(addr))
+	c, err := p.dial(dst, 10*time.Second)
+	if err != nil {
+		t.Fatalf("restored grant's flow: %v", err)
+	}
+	banner, _ := bufio.NewReader(c).ReadString('\n')
+	c.Close()
+	if !strings.HasPrefix(banner, "SSH-2.0-") {
+		t.Fatalf("restored flow banner %q", banner)
+	}
+}
