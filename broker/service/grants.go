@@ -85,7 +85,9 @@ func (s *Service) Activate(ctx context.Context, d store.Device, u store.User, id
 	now := s.now()
 	var out wire.Activation
 	var live LiveGrant
+	var replaced *wgkey.Public
 	err = s.cfg.Store.Update(ctx, func(tx store.Tx) error {
+		replaced = nil
 		r, err := tx.Request(ctx, id)
 		if err != nil || r.Device != d.ID {
 			return errorf(KindNotFound, "no request %s for this device", id)
@@ -93,18 +95,31 @@ func (s *Service) Activate(ctx context.Context, d store.Device, u store.User, id
 		if !r.Active(now) {
 			return errorf(KindConflict, "request %s is not an active grant (state %s)", id, r.State)
 		}
-		if _, err := tx.Activation(ctx, id); err == nil {
-			return errorf(KindConflict, "grant %s is already activated", id)
-		} else if !errors.Is(err, store.ErrNotFound) {
+		// A second activation of a live grant (the agent restarted and
+		// made fresh keys) replaces the first: same tunnel address, new keys;
+		// the old peer and its flows are removed after commit.
+		prev, err := tx.Activation(ctx, id)
+		switch {
+		case err == nil && prev.Ended:
+			return errorf(KindConflict, "grant %s has ended", id)
+		case err == nil:
+			old, err := wgkey.ParsePublic(prev.WGPublicKey)
+			if err != nil {
+				return fmt.Errorf("stored peer key of %s: %w", id, err)
+			}
+			replaced = &old
+		case !errors.Is(err, store.ErrNotFound):
 			return err
 		}
 		tg, ok := s.policy().Target(r.Target)
 		if !ok {
 			return errorf(KindConflict, "target %s is no longer configured", r.Target)
 		}
-		addr, err := s.allocateAddr(ctx, tx)
-		if err != nil {
-			return err
+		addr := prev.TunnelAddr
+		if replaced == nil {
+			if addr, err = s.allocateAddr(ctx, tx); err != nil {
+				return err
+			}
 		}
 		dst, err := destination(tg)
 		if err != nil {
@@ -133,10 +148,15 @@ func (s *Service) Activate(ctx context.Context, d store.Device, u store.User, id
 		}
 		live = LiveGrant{Request: id, Device: d.ID, User: u.Name, Target: tg.Name, TunnelAddr: addr, Dst: dst, Ends: r.GrantEnds, WGPublic: wgPub}
 		return s.record(ctx, tx, audit.Event{Type: audit.TypeGrantActivated, Actor: u.Name, Device: d.ID, Request: id, Grant: id, Target: tg.Name,
-			Details: map[string]string{"tunnel_address": addr.String(), "destination": dst.String(), "wireguard_key": wgPub.String()}})
+			Details: activationDetails(addr, dst, wgPub, replaced)})
 	})
 	if err != nil {
 		return wire.Activation{}, err
+	}
+	if replaced != nil {
+		if err := gw.RemovePeer(*replaced); err != nil {
+			s.log.Warn("removing replaced peer", "request", id, "err", err)
+		}
 	}
 	s.flows.put(live)
 	if err := gw.AddPeer(wgPub, live.TunnelAddr); err != nil {
@@ -146,6 +166,14 @@ func (s *Service) Activate(ctx context.Context, d store.Device, u store.User, id
 	}
 	s.log.Info("grant activated", "request", id, "target", live.Target, "tunnel_address", live.TunnelAddr, "ends", live.Ends)
 	return out, nil
+}
+
+func activationDetails(addr netip.Addr, dst netip.AddrPort, key wgkey.Public, replaced *wgkey.Public) map[string]string {
+	d := map[string]string{"tunnel_address": addr.String(), "destination": dst.String(), "wireguard_key": key.String()}
+	if replaced != nil {
+		d["replaces_key"] = replaced.String()
+	}
+	return d
 }
 
 // auditRequestClosed records a request that ended without ever being granted

@@ -159,6 +159,7 @@ type Tx interface {
 	// RequestsOfDevice returns pending and granted requests of one device.
 	RequestsOfDevice(ctx context.Context, device string) ([]access.Request, error)
 
+	// PutActivation creates or replaces the activation of a request.
 	PutActivation(ctx context.Context, a Activation) error
 	Activation(ctx context.Context, request string) (Activation, error)
 	// LiveTunnelAddrs lists the tunnel addresses of activations not ended.

@@ -215,6 +215,14 @@ func (e *env) enroll(p *harness.Person) string {
 // runAgent runs the agent of an enrolled state dir and returns its local API.
 func (e *env) runAgent(state string) *client.Client {
 	e.t.Helper()
+	c, _ := e.startAgent(state)
+	return c
+}
+
+// startAgent runs the agent of state and returns its local API and a func
+// that stops it and waits.
+func (e *env) startAgent(state string) (*client.Client, func()) {
+	e.t.Helper()
 	a, err := agent.New(agent.Config{StateDir: state, Collector: fixedPosture{}, Logger: testLogger(e.t)})
 	if err != nil {
 		e.t.Fatal(err)
@@ -222,17 +230,21 @@ func (e *env) runAgent(state string) *client.Client {
 	ctx, cancel := context.WithCancel(e.ctx)
 	done := make(chan error, 1)
 	go func() { done <- a.Run(ctx) }()
-	e.t.Cleanup(func() {
-		cancel()
-		select {
-		case <-done:
-		case <-time.After(10 * time.Second):
-			e.t.Error("agent did not stop")
-		}
-	})
+	var once sync.Once
+	stop := func() {
+		once.Do(func() {
+			cancel()
+			select {
+			case <-done:
+			case <-time.After(10 * time.Second):
+				e.t.Error("agent did not stop")
+			}
+		})
+	}
+	e.t.Cleanup(stop)
 	c := client.ForAgent(filepath.Join(state, "agent.sock"))
 	waitUntil(e.t, 10*time.Second, "agent socket", func() bool { _, err := c.LocalStatus(e.ctx); return err == nil })
-	return c
+	return c, stop
 }
 
 // deviceClient talks to the broker as the device of state.

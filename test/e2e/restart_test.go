@@ -3,10 +3,12 @@ package e2e
 import (
 	"bufio"
 	"net/netip"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/pinhole-dev/pinhole/internal/audit"
 	"github.com/pinhole-dev/pinhole/internal/sshca"
 	"github.com/pinhole-dev/pinhole/internal/wgkey"
 	"github.com/pinhole-dev/pinhole/internal/wire"
@@ -82,5 +84,48 @@ func TestInvariant07RestartNeverResurrects(t *testing.T) {
 	c.Close()
 	if !strings.HasPrefix(banner, "SSH-2.0-") {
 		t.Fatalf("restored flow banner %q", banner)
+	}
+}
+
+// TestAgentRestartReactivates: an agent that restarts during a grant makes
+// fresh keys and activates again; the broker swaps the peer (the old key no
+// longer works) and the tunnel carries SSH again.
+func TestAgentRestartReactivates(t *testing.T) {
+	requireTool(t, "ssh")
+	e := newEnv(t)
+	alice := e.invite("alice", "dba")
+	bob := e.invite("bob", "approver")
+	ws := e.enroll(alice)
+	local, stop := e.startAgent(ws)
+	req, err := local.CreateRequest(e.ctx, wire.CreateRequest{Target: "db-prod", TTL: "10m", Reason: "INC-8 agent restart"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.approve(req.ID, bob)
+	if _, err := local.LocalWait(e.ctx, req.ID, 20*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	stop()
+
+	local, _ = e.startAgent(ws)
+	tun, err := local.LocalWait(e.ctx, req.ID, 20*time.Second)
+	if err != nil {
+		t.Fatalf("tunnel after agent restart: %v", err)
+	}
+	out, err := exec.CommandContext(e.ctx, "ssh", sshArgs(tun, "echo again-$((2+3))")...).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "again-5") {
+		t.Fatalf("ssh after agent restart: %v\n%s", err, out)
+	}
+	if got := e.b.Gateway().Peers(); got != 1 {
+		t.Fatalf("peers = %d, want 1 (the old key replaced)", got)
+	}
+	n := 0
+	for _, ev := range e.auditEvents() {
+		if ev.Type == audit.TypeGrantActivated && ev.Request == req.ID {
+			n++
+		}
+	}
+	if n != 2 {
+		t.Fatalf("%d grant.activated events, want 2", n)
 	}
 }

@@ -319,7 +319,9 @@ func (t *txn) RequestsOfDevice(ctx context.Context, device string) ([]access.Req
 // Activations.
 
 func (t *txn) PutActivation(ctx context.Context, a store.Activation) error {
-	return t.exec(ctx, "storing activation", `INSERT INTO activations(request, device, tunnel_addr, wg_public, destination, cert_serial, created_at, ended) VALUES (?, ?, ?, ?, ?, ?, ?, ?)`,
+	return t.exec(ctx, "storing activation", `INSERT INTO activations(request, device, tunnel_addr, wg_public, destination, cert_serial, created_at, ended) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+		ON CONFLICT(request) DO UPDATE SET device = excluded.device, tunnel_addr = excluded.tunnel_addr, wg_public = excluded.wg_public,
+		destination = excluded.destination, cert_serial = excluded.cert_serial, created_at = excluded.created_at, ended = excluded.ended`,
 		a.Request, a.Device, a.TunnelAddr.String(), a.WGPublicKey, a.Destination.String(), int64(a.CertSerial), ts(a.CreatedAt), a.Ended)
 }
 
