@@ -73,8 +73,18 @@ const testConfig = `targets:
   - name: db-short
     address: %[4]s
     protocol: tcp
+  - name: db-strict
+    address: %[4]s
+    protocol: tcp
 roles: [dba, approver, sre]
 rules:
+  - name: strict-posture
+    roles: [dba]
+    targets: [db-strict]
+    max_ttl: 1h
+    approvals: 1
+    approver_roles: [approver]
+    posture: {max_age: 1m, disk_encryption: true, firewall: true}
   - name: short-links
     roles: [dba]
     targets: [db-short]
