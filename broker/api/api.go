@@ -5,6 +5,7 @@
 package api
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -114,28 +115,39 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	_ = json.NewEncoder(w).Encode(v)
 }
 
-// DecodeBody reads a bounded JSON body into v, refusing unknown fields and
-// trailing data, with an error that names the problem.
+// DecodeBody reads a bounded JSON object into v, refusing unknown fields,
+// non-objects and trailing data, with an error that names the problem.
 func DecodeBody(w http.ResponseWriter, r *http.Request, v any) error {
 	if ct := r.Header.Get("Content-Type"); ct != "" && !strings.HasPrefix(ct, "application/json") {
 		return fmt.Errorf("content type %q: want application/json", ct)
 	}
-	body := http.MaxBytesReader(w, r.Body, wire.MaxBodyBytes)
-	dec := json.NewDecoder(body)
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, wire.MaxBodyBytes))
+	if err != nil {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			return fmt.Errorf("request body is larger than %d bytes", wire.MaxBodyBytes)
+		}
+		return fmt.Errorf("reading request body: %v", err)
+	}
+	trimmed := bytes.TrimLeft(body, " \t\r\n")
+	switch {
+	case len(trimmed) == 0:
+		return errors.New("request body is empty; want a JSON object")
+	case trimmed[0] != '{' && json.Valid(trimmed):
+		return fmt.Errorf("request body: want a JSON object, got JSON %s", jsonKind(trimmed[0]))
+	}
+	dec := json.NewDecoder(bytes.NewReader(body))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
-		var mbe *http.MaxBytesError
 		var se *json.SyntaxError
 		var te *json.UnmarshalTypeError
 		switch {
-		case errors.As(err, &mbe):
-			return fmt.Errorf("request body is larger than %d bytes", wire.MaxBodyBytes)
-		case errors.Is(err, io.EOF):
-			return errors.New("request body is empty; want a JSON object")
 		case errors.Is(err, io.ErrUnexpectedEOF):
 			return errors.New("request body is not valid JSON: it ends in the middle of a value")
 		case errors.As(err, &se):
 			return fmt.Errorf("request body is not valid JSON at byte %d: %v", se.Offset, err)
+		case errors.As(err, &te) && te.Field == "":
+			return fmt.Errorf("request body: want a JSON object, got JSON %s", te.Value)
 		case errors.As(err, &te):
 			return fmt.Errorf("field %q: want %s, got JSON %s", te.Field, te.Type, te.Value)
 		case strings.HasPrefix(err.Error(), "json: unknown field"):
@@ -143,10 +155,24 @@ func DecodeBody(w http.ResponseWriter, r *http.Request, v any) error {
 		}
 		return fmt.Errorf("reading request body: %v", err)
 	}
-	if dec.More() {
+	if rest := bytes.TrimSpace(body[dec.InputOffset():]); len(rest) > 0 {
 		return errors.New("request body has data after the JSON object")
 	}
 	return nil
+}
+
+func jsonKind(first byte) string {
+	switch first {
+	case '[':
+		return "array"
+	case '"':
+		return "string"
+	case 'n':
+		return "null"
+	case 't', 'f':
+		return "bool"
+	}
+	return "number"
 }
 
 type caller struct {

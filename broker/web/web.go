@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"sync"
 	"time"
 
@@ -90,7 +91,7 @@ func (s *Server) page(w http.ResponseWriter, status int, name string, data map[s
 // guard rate-limits token use per client address; it answers and returns
 // false when the client is over the limit.
 func (s *Server) guard(w http.ResponseWriter, r *http.Request) bool {
-	if s.limit.over(clientIP(r)) {
+	if s.limit.over(limitKey(r)) {
 		w.Header().Set("Retry-After", "60")
 		http.Error(w, "too many attempts; wait a minute", http.StatusTooManyRequests)
 		return false
@@ -101,7 +102,7 @@ func (s *Server) guard(w http.ResponseWriter, r *http.Request) bool {
 // miss counts a failed token lookup against the client.
 func (s *Server) miss(r *http.Request, err error) {
 	if k := service.KindOf(err); k == service.KindNotFound || k == service.KindGone || k == service.KindConflict {
-		s.limit.add(clientIP(r))
+		s.limit.add(limitKey(r))
 	}
 }
 
@@ -283,13 +284,17 @@ func clientIP(r *http.Request) string {
 	return host
 }
 
-// limiter counts failures per key in fixed windows.
+// limiter counts failed token lookups per client network in fixed windows.
+// Only failures create entries; when maxKeys networks are being tracked and
+// none of their windows has run out, networks not yet tracked are refused
+// too (fail closed under a spread-out guessing attack) until windows expire.
 type limiter struct {
-	mu     sync.Mutex
-	max    int
-	window time.Duration
-	now    func() time.Time
-	counts map[string]*window
+	mu      sync.Mutex
+	max     int
+	window  time.Duration
+	now     func() time.Time
+	maxKeys int
+	counts  map[string]*window // guarded by mu
 }
 
 type window struct {
@@ -298,30 +303,69 @@ type window struct {
 }
 
 func newLimiter(max int, win time.Duration, now func() time.Time) *limiter {
-	return &limiter{max: max, window: win, now: now, counts: make(map[string]*window)}
+	return &limiter{max: max, window: win, now: now, maxKeys: 100000, counts: make(map[string]*window)}
 }
 
-func (l *limiter) cur(key string) *window {
-	now := l.now()
+// liveLocked returns key's window if it has not run out.
+func (l *limiter) liveLocked(key string, now time.Time) (*window, bool) {
 	w, ok := l.counts[key]
 	if !ok || now.Sub(w.start) >= l.window {
-		if len(l.counts) > 10000 {
-			clear(l.counts)
-		}
-		w = &window{start: now}
-		l.counts[key] = w
+		return nil, false
 	}
-	return w
+	return w, true
+}
+
+// pruneLocked drops every window that has run out.
+func (l *limiter) pruneLocked(now time.Time) {
+	for k, w := range l.counts {
+		if now.Sub(w.start) >= l.window {
+			delete(l.counts, k)
+		}
+	}
 }
 
 func (l *limiter) add(key string) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	l.cur(key).n++
+	now := l.now()
+	if w, ok := l.liveLocked(key, now); ok {
+		w.n++
+		return
+	}
+	if len(l.counts) >= l.maxKeys {
+		l.pruneLocked(now)
+		if len(l.counts) >= l.maxKeys {
+			return // full of live offenders: over() refuses untracked keys
+		}
+	}
+	l.counts[key] = &window{start: now, n: 1}
 }
 
 func (l *limiter) over(key string) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	return l.cur(key).n >= l.max
+	now := l.now()
+	if w, ok := l.liveLocked(key, now); ok {
+		return w.n >= l.max
+	}
+	if len(l.counts) >= l.maxKeys {
+		l.pruneLocked(now)
+		return len(l.counts) >= l.maxKeys
+	}
+	return false
+}
+
+// limitKey is the network a client is counted by: its IPv4 address, or the
+// /64 of its IPv6 address (one host usually owns a whole /64).
+func limitKey(r *http.Request) string {
+	a, err := netip.ParseAddr(clientIP(r))
+	if err != nil {
+		return clientIP(r)
+	}
+	a = a.Unmap()
+	if a.Is6() {
+		p, _ := a.Prefix(64)
+		return p.String()
+	}
+	return a.String()
 }

@@ -163,10 +163,13 @@ func (t *txn) UseToken(ctx context.Context, hash string, at time.Time) error {
 	if err != nil {
 		return fmt.Errorf("using link: %w", err)
 	}
-	if n, _ := res.RowsAffected(); n != 1 {
-		return fmt.Errorf("link already used: %w", store.ErrConflict)
+	if n, _ := res.RowsAffected(); n == 1 {
+		return nil
 	}
-	return nil
+	if _, err := t.Token(ctx, hash); err != nil {
+		return err
+	}
+	return fmt.Errorf("link already used: %w", store.ErrConflict)
 }
 
 func (t *txn) PutCeremony(ctx context.Context, c store.Ceremony) error {
@@ -366,6 +369,8 @@ func (t *txn) LiveTunnelAddrs(ctx context.Context) ([]netip.Addr, error) {
 	return out, rows.Err()
 }
 
+// EndActivation marks a request's activation ended; a request that was never
+// activated has none, and that is not an error.
 func (t *txn) EndActivation(ctx context.Context, request string) error {
 	return t.exec(ctx, "ending activation", `UPDATE activations SET ended = 1 WHERE request = ?`, request)
 }

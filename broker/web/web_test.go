@@ -1,0 +1,374 @@
+package web
+
+import (
+	"crypto/rand"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/pinhole-dev/pinhole/broker/service"
+	"github.com/pinhole-dev/pinhole/internal/fido"
+	"github.com/pinhole-dev/pinhole/internal/policy"
+	"github.com/pinhole-dev/pinhole/internal/sshca"
+	"github.com/pinhole-dev/pinhole/internal/store/sqlstore"
+)
+
+// clock is a settable clock for tests.
+type clock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func newClock() *clock { return &clock{t: time.Date(2031, 1, 2, 3, 4, 5, 0, time.UTC)} }
+
+func (c *clock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.t
+}
+
+func (c *clock) Advance(d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.t = c.t.Add(d)
+}
+
+func TestLimiter(t *testing.T) {
+	t.Parallel()
+	type step struct {
+		advance time.Duration
+		key     string
+		add     int  // failures to add before the check
+		want    bool // over() after adding
+	}
+	tests := []struct {
+		name  string
+		steps []step
+	}{
+		{"under_the_limit", []step{{key: "a", add: 2, want: false}}},
+		{"at_the_limit", []step{{key: "a", add: 3, want: true}}},
+		{"counts_accumulate_in_a_window", []step{
+			{key: "a", add: 1, want: false},
+			{advance: 10 * time.Second, key: "a", add: 1, want: false},
+			{advance: 10 * time.Second, key: "a", add: 1, want: true},
+		}},
+		{"checking_does_not_count", []step{
+			{key: "a", add: 2, want: false},
+			{key: "a", want: false},
+			{key: "a", want: false},
+		}},
+		{"keys_are_separate", []step{
+			{key: "a", add: 3, want: true},
+			{key: "b", add: 2, want: false},
+			{key: "a", want: true},
+		}},
+		{"still_over_just_before_the_window_ends", []step{
+			{key: "a", add: 3, want: true},
+			{advance: time.Minute - time.Nanosecond, key: "a", want: true},
+		}},
+		{"reset_when_the_window_ends", []step{
+			{key: "a", add: 3, want: true},
+			{advance: time.Minute, key: "a", want: false},
+			{key: "a", add: 2, want: false},
+			{key: "a", add: 1, want: true},
+		}},
+		{"window_starts_at_first_use", []step{
+			{key: "a", add: 2, want: false},
+			{advance: 50 * time.Second, key: "a", add: 1, want: true},
+			// 60s after the window began, not after the last failure.
+			{advance: 10 * time.Second, key: "a", want: false},
+		}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			clk := newClock()
+			l := newLimiter(3, time.Minute, clk.Now)
+			for i, s := range tc.steps {
+				clk.Advance(s.advance)
+				for range s.add {
+					l.add(s.key)
+				}
+				if got := l.over(s.key); got != s.want {
+					t.Errorf("step %d: over(%q) = %v, want %v", i, s.key, got, s.want)
+				}
+			}
+		})
+	}
+}
+
+func TestLimiterConcurrent(t *testing.T) {
+	t.Parallel()
+	clk := newClock()
+	l := newLimiter(1000, time.Minute, clk.Now)
+	var wg sync.WaitGroup
+	for range 10 {
+		wg.Go(func() {
+			for range 50 {
+				l.add("a")
+				l.over("a")
+			}
+		})
+	}
+	wg.Wait()
+	l.mu.Lock()
+	n := l.counts["a"].n
+	l.mu.Unlock()
+	if n != 500 {
+		t.Errorf("count = %d after 500 concurrent adds", n)
+	}
+}
+
+func TestLimiterEvictionKeepsOffenders(t *testing.T) {
+	t.Parallel()
+	clk := newClock()
+	l := newLimiter(3, time.Minute, clk.Now)
+	for range 3 {
+		l.add("attacker")
+	}
+	for i := range 10001 {
+		l.over(fmt.Sprintf("2001:db8::%x", i))
+	}
+	if !l.over("attacker") {
+		t.Error("the attacker's failures were forgotten within the window")
+	}
+}
+
+func TestClientIP(t *testing.T) {
+	t.Parallel()
+	tests := []struct{ remote, want string }{
+		{"192.0.2.1:1234", "192.0.2.1"},
+		{"[2001:db8::1]:443", "2001:db8::1"},
+		{"not-an-address", "not-an-address"},
+	}
+	for _, tc := range tests {
+		r := httptest.NewRequest(http.MethodGet, "/", nil)
+		r.RemoteAddr = tc.remote
+		if got := clientIP(r); got != tc.want {
+			t.Errorf("clientIP(%q) = %q, want %q", tc.remote, got, tc.want)
+		}
+	}
+}
+
+// newTestServer builds a Server over a real service on a SQLite store in
+// t.TempDir(). Nothing it starts needs stopping but the store.
+func newTestServer(t *testing.T) (*Server, *service.Service, *clock) {
+	t.Helper()
+	clk := newClock()
+	st, err := sqlstore.Open(t.Context(), filepath.Join(t.TempDir(), "pinhole.db"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	f, err := fido.New(fido.Config{RPID: "localhost", Origins: []string{"https://localhost:8443"}, Now: clk.Now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	userCA, err := sshca.NewKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hostCA, err := sshca.NewKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var pol atomic.Pointer[policy.Config]
+	pol.Store(&policy.Config{})
+	svc, err := service.New(service.Config{
+		Store: st, Policy: &pol, FIDO: f, UserCA: userCA, HostCA: hostCA,
+		PublicURL: "https://localhost:8443", Clock: clk.Now,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := New(svc, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s, svc, clk
+}
+
+func serve(s *Server, method, path, remote string, hdr map[string]string, body string) *httptest.ResponseRecorder {
+	r := httptest.NewRequest(method, "https://localhost:8443"+path, strings.NewReader(body))
+	if remote != "" {
+		r.RemoteAddr = remote
+	}
+	for k, v := range hdr {
+		r.Header.Set(k, v)
+	}
+	w := httptest.NewRecorder()
+	s.ServeHTTP(w, r)
+	return w
+}
+
+func TestSecurityHeaders(t *testing.T) {
+	t.Parallel()
+	s, svc, _ := newTestServer(t)
+	inv, err := svc.Bootstrap(t.Context(), "ada")
+	if err != nil {
+		t.Fatal(err)
+	}
+	invitePath := strings.TrimPrefix(inv.URL, "https://localhost:8443")
+
+	tests := []struct {
+		name       string
+		method     string
+		path       string
+		hdr        map[string]string
+		wantStatus int
+		wantBody   string
+	}{
+		{"ok/home", http.MethodGet, "/", nil, http.StatusOK, "Open the link you were sent"},
+		{"ok/invite_page", http.MethodGet, invitePath, nil, http.StatusOK, `data-kind="invite"`},
+		{"ok/static_script", http.MethodGet, "/static/pinhole.js", nil, http.StatusOK, ""},
+		{"deny/unknown_link", http.MethodGet, "/invite/" + strings.Repeat("x", 43), nil, http.StatusNotFound, "unknown link"},
+		{"deny/cross_origin_post", http.MethodPost, invitePath + "/begin", map[string]string{"Sec-Fetch-Site": "cross-site"}, http.StatusForbidden, ""},
+	}
+	wantHeaders := map[string]string{
+		"X-Frame-Options":           "DENY",
+		"X-Content-Type-Options":    "nosniff",
+		"Cache-Control":             "no-store",
+		"Referrer-Policy":           "no-referrer",
+		"Strict-Transport-Security": "max-age=31536000",
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			w := serve(s, tc.method, tc.path, "", tc.hdr, "{}")
+			if w.Code != tc.wantStatus {
+				t.Fatalf("status = %d, want %d; body %q", w.Code, tc.wantStatus, w.Body)
+			}
+			if !strings.Contains(w.Body.String(), tc.wantBody) {
+				t.Errorf("body %q does not contain %q", w.Body, tc.wantBody)
+			}
+			for h, want := range wantHeaders {
+				if got := w.Header().Get(h); got != want {
+					t.Errorf("%s = %q, want %q", h, got, want)
+				}
+			}
+			cspHeader := w.Header().Get("Content-Security-Policy")
+			for _, d := range []string{"default-src 'none'", "script-src 'self'", "frame-ancestors 'none'", "base-uri 'none'", "form-action 'none'"} {
+				if !strings.Contains(cspHeader, d) {
+					t.Errorf("CSP %q lacks %q", cspHeader, d)
+				}
+			}
+			if strings.Contains(cspHeader, "unsafe-inline") || strings.Contains(cspHeader, "unsafe-eval") {
+				t.Errorf("CSP %q allows unsafe sources", cspHeader)
+			}
+		})
+	}
+}
+
+func TestPagesHaveNoInlineScript(t *testing.T) {
+	t.Parallel()
+	s, svc, _ := newTestServer(t)
+	inv, err := svc.Bootstrap(t.Context(), "ada")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, path := range []string{"/", strings.TrimPrefix(inv.URL, "https://localhost:8443"), "/grant/" + strings.Repeat("y", 43)} {
+		w := serve(s, http.MethodGet, path, "", nil, "")
+		body, _ := io.ReadAll(w.Body)
+		// The strict CSP would block inline code; a page must not depend on it.
+		for _, bad := range []string{"<script>", "onclick=", "onload=", "style="} {
+			if strings.Contains(string(body), bad) {
+				t.Errorf("GET %s: page contains %q", path, bad)
+			}
+		}
+	}
+}
+
+func TestTokenGuessingIsRateLimited(t *testing.T) {
+	t.Parallel()
+	s, svc, clk := newTestServer(t)
+	inv, err := svc.Bootstrap(t.Context(), "ada")
+	if err != nil {
+		t.Fatal(err)
+	}
+	good := strings.TrimPrefix(inv.URL, "https://localhost:8443")
+	const attacker, bystander = "198.51.100.7:40000", "203.0.113.9:40000"
+	guess := func(i int) string { return fmt.Sprintf("/invite/%043d", i) }
+
+	// A valid link does not count against the client.
+	for range 40 {
+		if w := serve(s, http.MethodGet, good, attacker, nil, ""); w.Code != http.StatusOK {
+			t.Fatalf("valid link: status %d", w.Code)
+		}
+	}
+	for i := range 30 {
+		if w := serve(s, http.MethodGet, guess(i), attacker, nil, ""); w.Code != http.StatusNotFound {
+			t.Fatalf("guess %d: status %d, want 404", i, w.Code)
+		}
+	}
+	tests := []struct {
+		name   string
+		method string
+		path   string
+		remote string
+		want   int
+	}{
+		{"deny/next_guess", http.MethodGet, guess(30), attacker, http.StatusTooManyRequests},
+		{"deny/even_a_valid_link", http.MethodGet, good, attacker, http.StatusTooManyRequests},
+		{"deny/json_endpoint", http.MethodPost, good + "/begin", attacker, http.StatusTooManyRequests},
+		{"deny/other_page_kind", http.MethodGet, "/grant/" + strings.Repeat("z", 43), attacker, http.StatusTooManyRequests},
+		{"ok/other_client", http.MethodGet, good, bystander, http.StatusOK},
+	}
+	for _, tc := range tests {
+		w := serve(s, tc.method, tc.path, tc.remote, map[string]string{"Content-Type": "application/json"}, "{}")
+		if w.Code != tc.want {
+			t.Errorf("%s: status %d, want %d", tc.name, w.Code, tc.want)
+		}
+		if tc.want == http.StatusTooManyRequests && w.Header().Get("Retry-After") == "" {
+			t.Errorf("%s: no Retry-After", tc.name)
+		}
+	}
+
+	clk.Advance(time.Minute)
+	if w := serve(s, http.MethodGet, good, attacker, nil, ""); w.Code != http.StatusOK {
+		t.Errorf("after the window: status %d, want 200", w.Code)
+	}
+}
+
+func TestLimitKeyGroupsIPv6By64(t *testing.T) {
+	t.Parallel()
+	tests := []struct{ remote, want string }{
+		{"192.0.2.1:1234", "192.0.2.1"},
+		{"[2001:db8:1:2:aaaa::1]:443", "2001:db8:1:2::/64"},
+		{"[2001:db8:1:2:bbbb::9]:443", "2001:db8:1:2::/64"},
+		{"[::ffff:192.0.2.7]:80", "192.0.2.7"},
+	}
+	for _, tc := range tests {
+		r := httptest.NewRequest(http.MethodGet, "/", nil)
+		r.RemoteAddr = tc.remote
+		if got := limitKey(r); got != tc.want {
+			t.Errorf("limitKey(%q) = %q, want %q", tc.remote, got, tc.want)
+		}
+	}
+}
+
+func TestLimiterFullFailsClosedUntilWindowsExpire(t *testing.T) {
+	t.Parallel()
+	clk := newClock()
+	l := newLimiter(3, time.Minute, clk.Now)
+	l.maxKeys = 4
+	for i := range 4 {
+		l.add(fmt.Sprintf("net-%d", i))
+	}
+	if !l.over("newcomer") {
+		t.Error("an untracked client passed while the limiter was full of live offenders")
+	}
+	if l.over("net-0") {
+		t.Error("a tracked client under its limit was refused")
+	}
+	clk.Advance(time.Minute)
+	if l.over("newcomer") {
+		t.Error("still refusing after every window ran out")
+	}
+}
