@@ -153,16 +153,28 @@ func (s *Service) Activate(ctx context.Context, d store.Device, u store.User, id
 	if err != nil {
 		return wire.Activation{}, err
 	}
+	s.planeMu.Lock()
 	if replaced != nil {
 		if err := gw.RemovePeer(*replaced); err != nil {
 			s.log.Warn("removing replaced peer", "request", id, "err", err)
 		}
 	}
 	s.flows.put(live)
-	if err := gw.AddPeer(wgPub, live.TunnelAddr); err != nil {
-		s.log.Error("adding peer failed; ending grant", "request", id, "err", err)
-		s.endGrant(context.WithoutCancel(ctx), id, "gateway error", "broker", false)
+	err = gw.AddPeer(wgPub, live.TunnelAddr)
+	s.planeMu.Unlock()
+	if err != nil {
+		s.log.Error("adding peer failed; revoking grant", "request", id, "err", err)
+		s.endGrant(context.WithoutCancel(ctx), id, "gateway error", "broker", true)
 		return wire.Activation{}, fmt.Errorf("adding gateway peer: %w", err)
+	}
+	// The grant may have ended between commit and the peer going in; its
+	// cut then ran before the peer existed, so cut again.
+	if err := s.CheckGrant(ctx, id); err != nil {
+		var r access.Request
+		if verr := s.cfg.Store.View(ctx, func(tx store.Tx) error { r, err = tx.Request(ctx, id); return err }); verr == nil {
+			s.cutDataPlane(id, r)
+		}
+		return wire.Activation{}, errorf(KindConflict, "grant %s ended during activation", id)
 	}
 	s.log.Info("grant activated", "request", id, "target", live.Target, "tunnel_address", live.TunnelAddr, "ends", live.Ends)
 	return out, nil
@@ -384,6 +396,8 @@ func (s *Service) endGrant(ctx context.Context, id, reason, actor string, revoke
 // cutDataPlane closes the grant's proxied sessions (with a one-line reason),
 // then its flows and its peer.
 func (s *Service) cutDataPlane(id string, r access.Request) {
+	s.planeMu.Lock()
+	defer s.planeMu.Unlock()
 	gw, cut := s.dataPlane()
 	msg := fmt.Sprintf("grant %s for %s %s; session closed", id, r.Target, endReason(r, "ended"))
 	if cut != nil {

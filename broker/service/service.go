@@ -97,6 +97,9 @@ type Service struct {
 	gw    Gateway
 	cut   SessionCutter
 	flows flowTable
+	// planeMu orders data-plane changes of a grant (peer in, peer out) so an
+	// activation racing an expiry cannot leave a peer behind.
+	planeMu sync.Mutex
 }
 
 // New validates cfg and returns a Service. Attach the data plane with
