@@ -401,6 +401,8 @@ func (s *Service) cutDataPlane(id string, r access.Request) {
 	gw, cut := s.dataPlane()
 	msg := fmt.Sprintf("grant %s for %s %s; session closed", id, r.Target, endReason(r, "ended"))
 	if cut != nil {
+		// Returns once the told sessions' connections are gone (bounded),
+		// so the reset below cannot cut off their one-line reason.
 		cut.EndGrant(id, msg)
 	}
 	g, ok := s.flows.removeRequest(id)

@@ -75,7 +75,10 @@ const (
 	endWait = 100 * time.Millisecond
 	// closeGrace is how long an ended connection may linger so the client can
 	// read the goodbye before the proxy closes the TCP connection itself.
-	closeGrace = 300 * time.Millisecond
+	closeGrace = 500 * time.Millisecond
+	// endGrantMax bounds how long EndGrant waits for ended connections to
+	// be gone (endWait + closeGrace and a little slack).
+	endGrantMax = 700 * time.Millisecond
 	// maxSessionsPerConn matches OpenSSH's MaxSessions default.
 	maxSessionsPerConn = 10
 	// maxReasonLen bounds the reason shown to users.
@@ -307,8 +310,11 @@ func (p *Proxy) unregister(c *conn) {
 
 // EndGrant ends every live session of grantID: the user's terminal gets
 // "pinhole: <reason>" on stderr, the session exits with status 255, and the
-// connection is closed shortly after. It returns how many sessions it ended,
-// within about 100 ms even when a client does not read.
+// connection is closed shortly after. It returns how many sessions it ended
+// once every ended connection is gone (the client hung up after reading the
+// reason, or the proxy closed it after closeGrace), and never later than
+// endGrantMax, so the caller can then tear the network path down without
+// cutting off the reason.
 func (p *Proxy) EndGrant(grantID, reason string) int {
 	p.mu.Lock()
 	var conns []*conn
@@ -321,11 +327,18 @@ func (p *Proxy) EndGrant(grantID, reason string) int {
 	for _, c := range conns {
 		done = append(done, c.end(reason)...)
 	}
-	timer := time.NewTimer(endWait)
+	timer := time.NewTimer(endGrantMax)
 	defer timer.Stop()
 	for _, d := range done {
 		select {
 		case <-d:
+		case <-timer.C:
+			return len(done)
+		}
+	}
+	for _, c := range conns {
+		select {
+		case <-c.gone:
 		case <-timer.C:
 			return len(done)
 		}

@@ -584,7 +584,7 @@ func TestEndGrant(t *testing.T) {
 
 			start := time.Now()
 			n := e.proxy.EndGrant("g-1", "access grant revoked by bob")
-			if took := time.Since(start); took > 500*time.Millisecond {
+			if took := time.Since(start); took > 900*time.Millisecond { // endGrantMax (700ms) and slack
 				t.Errorf("EndGrant took %s", took)
 			}
 			if n != 1 {
