@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/pinhole-dev/pinhole/internal/access"
@@ -199,7 +200,7 @@ func (s *Service) grantView(ctx context.Context, tx store.Tx, token string) (sto
 		return store.Token{}, access.Request{}, GrantView{}, err
 	}
 	v := GrantView{Request: r.ID, Approver: t.User, Requester: r.Requester, Device: r.Device, Target: r.Target, Reason: r.Reason,
-		Duration: r.TTL.String(), PendingUntil: r.PendingUntil, State: string(r.State), Required: r.RequiredApprovals, Approvals: []string{}}
+		Duration: shortDuration(r.TTL), PendingUntil: r.PendingUntil, State: string(r.State), Required: r.RequiredApprovals, Approvals: []string{}}
 	if tg, ok := s.policy().Target(r.Target); ok {
 		v.Address, v.Protocol, v.Login = tg.Address, string(tg.Protocol), tg.Login
 	}
@@ -394,4 +395,16 @@ func accessErr(err error) error {
 	default:
 		return &Error{Kind: KindConflict, Msg: err.Error(), Err: err}
 	}
+}
+
+// shortDuration prints d the way people write it: 45m, 1h30m, 20s.
+func shortDuration(d time.Duration) string {
+	s := d.String()
+	if strings.HasSuffix(s, "m0s") {
+		s = strings.TrimSuffix(s, "0s")
+	}
+	if strings.HasSuffix(s, "h0m") {
+		s = strings.TrimSuffix(s, "0m")
+	}
+	return s
 }

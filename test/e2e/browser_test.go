@@ -387,7 +387,7 @@ func browserDecision(t *testing.T, decision string) {
 	for _, c := range []struct{ row, want string }{
 		{"requester", "alice"},
 		{"target", "db-prod (" + e.sshd.Addr + ", ssh, login " + e.login + ")"},
-		{"for", "45m0s"},
+		{"for", "45m"},
 		{"reason", reason},
 		{"you", "bob"},
 	} {
