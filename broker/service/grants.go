@@ -57,6 +57,17 @@ func (f *flowTable) get(a netip.Addr) (LiveGrant, bool) {
 	return g, ok
 }
 
+func (f *flowTable) byKey(k wgkey.Public) (LiveGrant, bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, g := range f.byAddr {
+		if g.WGPublic == k {
+			return g, true
+		}
+	}
+	return LiveGrant{}, false
+}
+
 func (f *flowTable) removeRequest(id string) (LiveGrant, bool) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -81,6 +92,12 @@ func (s *Service) Activate(ctx context.Context, d store.Device, u store.User, id
 	gw, _ := s.dataPlane()
 	if gw == nil {
 		return wire.Activation{}, errorf(KindInternal, "gateway not running")
+	}
+	if wgPub == gw.PublicKey() {
+		return wire.Activation{}, errorf(KindBadInput, "wireguard_public_key is the gateway's own key; make a fresh key for the grant")
+	}
+	if other, ok := s.flows.byKey(wgPub); ok && other.Request != id {
+		return wire.Activation{}, errorf(KindBadInput, "wireguard_public_key is already in use by another grant; make a fresh key for each grant")
 	}
 	now := s.now()
 	var out wire.Activation
@@ -528,12 +545,18 @@ func (s *Service) Restore(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("stored peer key of %s: %w", a.Request, err)
 		}
-		s.flows.put(LiveGrant{Request: a.Request, Device: a.Device, User: users[i], Target: r.Target, TunnelAddr: a.TunnelAddr, Dst: a.Destination, Ends: r.GrantEnds, WGPublic: pub})
 		if gw != nil {
 			if err := gw.AddPeer(pub, a.TunnelAddr); err != nil {
-				return fmt.Errorf("restoring peer of %s: %w", a.Request, err)
+				// One bad peer must not keep the broker down: end that grant
+				// (its user asks again) and restore the others.
+				s.log.Error("cannot restore peer; revoking its grant", "request", a.Request, "err", err)
+				if _, err := s.endGrant(ctx, a.Request, "its tunnel could not be restored after a broker restart", "broker", true); err != nil {
+					return fmt.Errorf("revoking unrestorable grant %s: %w", a.Request, err)
+				}
+				continue
 			}
 		}
+		s.flows.put(LiveGrant{Request: a.Request, Device: a.Device, User: users[i], Target: r.Target, TunnelAddr: a.TunnelAddr, Dst: a.Destination, Ends: r.GrantEnds, WGPublic: pub})
 		s.log.Info("restored active grant", "request", a.Request, "ends", r.GrantEnds)
 	}
 	return nil

@@ -451,3 +451,34 @@ func (w countingWriter) Write(p []byte) (int, error) {
 	w.n.Add(int64(strings.Count(string(p), "\n")))
 	return len(p), nil
 }
+
+// TestActivationRefusesForeignKeys: a device cannot activate a grant with the
+// gateway's own WireGuard key or with a key another grant already uses
+// (either would clash in the gateway and, before this check, could keep a
+// restarting broker down).
+func TestActivationRefusesForeignKeys(t *testing.T) {
+	e := newEnv(t)
+	act, priv, dc, _ := grantFor(t, e, "db-prod")
+	_ = act
+	req2, err := dc.CreateRequest(e.ctx, wire.CreateRequest{Target: "db-tcp", TTL: "5m", Reason: "INC-10 keys"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.approve(req2.ID, e.people["bob"])
+	waitGranted(t, e.ctx, dc, req2.ID)
+	for name, key := range map[string]string{
+		"gateway key": e.b.Gateway().PublicKey().String(),
+		"reused key":  priv.Public().String(),
+	} {
+		_, err := dc.Activate(e.ctx, req2.ID, wire.ActivateRequest{WireGuardPublicKey: key})
+		var ae *client.APIError
+		if !errors.As(err, &ae) || ae.Status != http.StatusBadRequest {
+			t.Errorf("activation with the %s: got %v, want 400", name, err)
+		}
+	}
+	e.stop()
+	e.startBroker()
+	if got := e.b.Gateway().Peers(); got != 1 {
+		t.Fatalf("peers after restart = %d, want 1", got)
+	}
+}
