@@ -16,6 +16,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"golang.org/x/crypto/ssh"
@@ -75,6 +76,7 @@ type Broker struct {
 	hostCA   ssh.Signer
 	hostKey  ssh.Signer
 	hostCert *hostCerts
+	lock     *os.File // flock on DataDir/broker.lock, held until Close
 	// CAFile is the PEM of the broker's TLS certificate (agents trust it).
 	CAFile string
 	// URL is the public URL.
@@ -103,18 +105,29 @@ func Open(ctx context.Context, cfg Config) (*Broker, error) {
 	if err := cfg.defaults(); err != nil {
 		return nil, err
 	}
+	// Rules first: a bad config must not touch the data dir.
+	pc, err := policyfile.Load(cfg.ConfigFile)
+	if err != nil {
+		return nil, err
+	}
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("creating data dir: %w", err)
 	}
 	if err := os.Chmod(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("securing data dir: %w", err)
 	}
-	pc, err := policyfile.Load(cfg.ConfigFile)
+	lock, err := lockDataDir(cfg.DataDir)
 	if err != nil {
 		return nil, err
 	}
-	b := &Broker{cfg: cfg, log: cfg.Logger, policy: new(atomic.Pointer[policy.Config])}
+	b := &Broker{cfg: cfg, log: cfg.Logger, policy: new(atomic.Pointer[policy.Config]), lock: lock}
 	b.policy.Store(pc)
+	ok := false
+	defer func() {
+		if !ok {
+			b.Close()
+		}
+	}()
 	keys := filepath.Join(cfg.DataDir, "keys")
 	if b.userCA, err = sshca.LoadOrCreateKey(filepath.Join(keys, "ssh_user_ca")); err != nil {
 		return nil, fmt.Errorf("user CA: %w", err)
@@ -150,9 +163,9 @@ func Open(ctx context.Context, cfg Config) (*Broker, error) {
 	b.svc, err = service.New(service.Config{Store: b.store, Policy: b.policy, FIDO: f, UserCA: b.userCA, HostCA: b.hostCA,
 		PublicURL: b.URL, Notifier: notifier, Logger: b.log, Recordings: rec})
 	if err != nil {
-		b.store.Close()
 		return nil, err
 	}
+	ok = true
 	return b, nil
 }
 
@@ -310,7 +323,28 @@ func (b *Broker) Close() error {
 	if b.store != nil {
 		errs = append(errs, b.store.Close())
 	}
+	if b.lock != nil {
+		errs = append(errs, b.lock.Close()) // releases the flock
+	}
 	return errors.Join(errs...)
+}
+
+// lockDataDir takes an exclusive lock on the data dir so that two brokers
+// never share one store: each would hold its own peers and flows, and a
+// revocation on one would not cut the other's.
+func lockDataDir(dir string) (*os.File, error) {
+	f, err := os.OpenFile(filepath.Join(dir, "broker.lock"), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("opening data dir lock: %w", err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		f.Close()
+		if errors.Is(err, syscall.EWOULDBLOCK) {
+			return nil, fmt.Errorf("data dir %s is in use by another pinhole-broker", dir)
+		}
+		return nil, fmt.Errorf("locking data dir: %w", err)
+	}
+	return f, nil
 }
 
 func loadOrCreateWGKey(path string) (wgkey.Private, error) {

@@ -13,6 +13,7 @@ import (
 	"github.com/pinhole-dev/pinhole/broker"
 	"github.com/pinhole-dev/pinhole/internal/client"
 	"github.com/pinhole-dev/pinhole/internal/devicekey"
+	"github.com/pinhole-dev/pinhole/internal/store"
 	"github.com/pinhole-dev/pinhole/internal/wire"
 )
 
@@ -99,5 +100,20 @@ func TestBadConfigRefusedNamingLine(t *testing.T) {
 	}
 	if got := len(e.auditEvents()); got != before {
 		t.Fatalf("store changed: %d events, was %d", got, before)
+	}
+}
+
+// TestSecondBrokerOnSameDataDirRefused: two brokers on one store would each
+// hold their own peers, so a revocation on one would not cut the other's.
+func TestSecondBrokerOnSameDataDirRefused(t *testing.T) {
+	e := newEnv(t)
+	cfg := e.cfg
+	cfg.Listen = "127.0.0.1:0"
+	_, err := broker.New(e.ctx, cfg)
+	if err == nil || !strings.Contains(err.Error(), "in use by another pinhole-broker") {
+		t.Fatalf("second broker on the same data dir: %v", err)
+	}
+	if _, err := e.b.Service().AuditEvents(e.ctx, store.User{Name: "root", Role: "admin"}, 0, 10); err != nil {
+		t.Fatalf("first broker hurt: %v", err)
 	}
 }
