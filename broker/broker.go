@@ -158,7 +158,15 @@ func Open(ctx context.Context, cfg Config) (*Broker, error) {
 	}
 	var notifier service.Notifier
 	if cfg.NotifyWebhook != "" {
+		u, err := url.Parse(cfg.NotifyWebhook)
+		if err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
+			return nil, fmt.Errorf("notify webhook %q: want an http(s)://host/path URL", cfg.NotifyWebhook)
+		}
 		notifier = &webhook{url: cfg.NotifyWebhook, client: &http.Client{Timeout: 5 * time.Second}}
+	} else {
+		outbox := filepath.Join(cfg.DataDir, "outbox.jsonl")
+		notifier = &outboxFile{path: outbox}
+		b.log.Warn("no notify webhook: grant links go only to the outbox file", "path", outbox)
 	}
 	b.svc, err = service.New(service.Config{Store: b.store, Policy: b.policy, FIDO: f, UserCA: b.userCA, HostCA: b.hostCA,
 		PublicURL: b.URL, Notifier: notifier, Logger: b.log, Recordings: rec})

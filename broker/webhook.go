@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
+	"sync"
 
 	"github.com/pinhole-dev/pinhole/broker/service"
 )
@@ -37,4 +39,30 @@ func (w *webhook) NotifyApprover(ctx context.Context, n service.ApprovalNotice) 
 		return fmt.Errorf("webhook answered %s", resp.Status)
 	}
 	return nil
+}
+
+// outboxFile appends each approval notice as a JSON line to a 0600 file, for
+// deployments that deliver links by other means (a mail pipeline, an
+// operator reading it). Links are secrets: the file is owner-only.
+type outboxFile struct {
+	mu   sync.Mutex
+	path string
+}
+
+func (o *outboxFile) NotifyApprover(_ context.Context, n service.ApprovalNotice) error {
+	line, err := json.Marshal(n)
+	if err != nil {
+		return fmt.Errorf("encoding notice: %w", err)
+	}
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	f, err := os.OpenFile(o.path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+	if err != nil {
+		return fmt.Errorf("opening outbox: %w", err)
+	}
+	if _, err := f.Write(append(line, '\n')); err != nil {
+		f.Close()
+		return fmt.Errorf("writing outbox: %w", err)
+	}
+	return f.Close()
 }
