@@ -232,12 +232,15 @@ func (a *Agent) Run(ctx context.Context) error {
 	if !a.running.CompareAndSwap(false, true) {
 		return errors.New("agent: Run called twice")
 	}
-	if err := a.removeGrantFiles(); err != nil {
-		return fmt.Errorf("agent: %w", err)
-	}
+	// Take the socket first: it fails while another agent serves this
+	// state dir, and that agent's grant files must then stay.
 	sock := SocketPath(a.cfg.StateDir)
 	ln, err := localapi.ListenUnix(sock)
 	if err != nil {
+		return fmt.Errorf("agent: %w", err)
+	}
+	if err := a.removeGrantFiles(); err != nil {
+		ln.Close()
 		return fmt.Errorf("agent: %w", err)
 	}
 	ctx, cancel := context.WithCancel(ctx)

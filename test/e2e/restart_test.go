@@ -3,11 +3,13 @@ package e2e
 import (
 	"bufio"
 	"net/netip"
+	"os"
 	"os/exec"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/pinhole-dev/pinhole/agent"
 	"github.com/pinhole-dev/pinhole/internal/audit"
 	"github.com/pinhole-dev/pinhole/internal/sshca"
 	"github.com/pinhole-dev/pinhole/internal/wgkey"
@@ -127,5 +129,39 @@ func TestAgentRestartReactivates(t *testing.T) {
 	}
 	if n != 2 {
 		t.Fatalf("%d grant.activated events, want 2", n)
+	}
+}
+
+// TestSecondAgentLeavesFirstAlone: starting a second agent on a state dir
+// that an agent already serves fails without touching the first one's grant.
+func TestSecondAgentLeavesFirstAlone(t *testing.T) {
+	e := newEnv(t)
+	alice := e.invite("alice", "dba")
+	bob := e.invite("bob", "approver")
+	ws := e.enroll(alice)
+	local := e.runAgent(ws)
+	req, err := local.CreateRequest(e.ctx, wire.CreateRequest{Target: "db-prod", TTL: "10m", Reason: "INC-11 second agent"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.approve(req.ID, bob)
+	tun, err := local.LocalWait(e.ctx, req.ID, 20*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a2, err := agent.New(agent.Config{StateDir: ws, Collector: fixedPosture{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a2.Run(e.ctx); err == nil {
+		t.Fatal("a second agent ran on the same state dir")
+	}
+	for _, f := range []string{tun.KeyFile, tun.CertFile, tun.KnownHostsFile} {
+		if _, err := os.Stat(f); err != nil {
+			t.Errorf("grant file gone after the second agent failed: %v", err)
+		}
+	}
+	if _, err := local.LocalStatus(e.ctx); err != nil {
+		t.Fatalf("first agent hurt: %v", err)
 	}
 }
