@@ -88,26 +88,31 @@ func (s *Server) page(w http.ResponseWriter, status int, name string, data map[s
 	}
 }
 
-// guard rate-limits token use per client address; it answers and returns
-// false when the client is over the limit.
-func (s *Server) guard(w http.ResponseWriter, r *http.Request) bool {
-	if s.limit.over(limitKey(r)) {
-		w.Header().Set("Retry-After", "60")
-		http.Error(w, "too many attempts; wait a minute", http.StatusTooManyRequests)
+// refuseGuess counts a failed token lookup against the client's network and
+// answers 429 once that network is over the limit. Only misses are counted
+// and refused: a valid link always works, so a guesser sharing a NAT with
+// approvers cannot lock them out, while guessing (already hopeless against
+// 256-bit tokens) is slowed to a trickle.
+func (s *Server) refuseGuess(w http.ResponseWriter, r *http.Request, err error) bool {
+	k := service.KindOf(err)
+	if k != service.KindNotFound && k != service.KindGone && k != service.KindConflict {
 		return false
 	}
+	key := limitKey(r)
+	over := s.limit.over(key)
+	s.limit.add(key)
+	if !over {
+		return false
+	}
+	w.Header().Set("Retry-After", "60")
+	http.Error(w, "too many failed link attempts from your network; wait a minute", http.StatusTooManyRequests)
 	return true
 }
 
-// miss counts a failed token lookup against the client.
-func (s *Server) miss(r *http.Request, err error) {
-	if k := service.KindOf(err); k == service.KindNotFound || k == service.KindGone || k == service.KindConflict {
-		s.limit.add(limitKey(r))
-	}
-}
-
 func (s *Server) errorPage(w http.ResponseWriter, r *http.Request, err error) {
-	s.miss(r, err)
+	if s.refuseGuess(w, r, err) {
+		return
+	}
 	status, _ := api.Status(err)
 	msg := err.Error()
 	if status == http.StatusInternalServerError {
@@ -118,7 +123,9 @@ func (s *Server) errorPage(w http.ResponseWriter, r *http.Request, err error) {
 }
 
 func (s *Server) jsonError(w http.ResponseWriter, r *http.Request, err error) {
-	s.miss(r, err)
+	if s.refuseGuess(w, r, err) {
+		return
+	}
 	api.WriteServiceError(w, s.log, err)
 }
 
@@ -148,9 +155,6 @@ func jsonString(s string) string {
 }
 
 func (s *Server) invitePage(w http.ResponseWriter, r *http.Request) {
-	if !s.guard(w, r) {
-		return
-	}
 	u, err := s.svc.InviteInfo(r.Context(), r.PathValue("token"))
 	if err != nil {
 		s.errorPage(w, r, err)
@@ -160,9 +164,6 @@ func (s *Server) invitePage(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) inviteBegin(w http.ResponseWriter, r *http.Request) {
-	if !s.guard(w, r) {
-		return
-	}
 	if _, ok := s.body(w, r); !ok {
 		return
 	}
@@ -175,9 +176,6 @@ func (s *Server) inviteBegin(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) inviteFinish(w http.ResponseWriter, r *http.Request) {
-	if !s.guard(w, r) {
-		return
-	}
 	b, ok := s.body(w, r)
 	if !ok {
 		return
@@ -190,9 +188,6 @@ func (s *Server) inviteFinish(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) enrollPage(w http.ResponseWriter, r *http.Request) {
-	if !s.guard(w, r) {
-		return
-	}
 	v, err := s.svc.DeviceConfirmInfo(r.Context(), r.PathValue("token"))
 	if err != nil {
 		s.errorPage(w, r, err)
@@ -202,9 +197,6 @@ func (s *Server) enrollPage(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) enrollBegin(w http.ResponseWriter, r *http.Request) {
-	if !s.guard(w, r) {
-		return
-	}
 	if _, ok := s.body(w, r); !ok {
 		return
 	}
@@ -217,9 +209,6 @@ func (s *Server) enrollBegin(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) enrollFinish(w http.ResponseWriter, r *http.Request) {
-	if !s.guard(w, r) {
-		return
-	}
 	b, ok := s.body(w, r)
 	if !ok {
 		return
@@ -232,9 +221,6 @@ func (s *Server) enrollFinish(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) grantPage(w http.ResponseWriter, r *http.Request) {
-	if !s.guard(w, r) {
-		return
-	}
 	v, err := s.svc.GrantLinkView(r.Context(), r.PathValue("token"))
 	if err != nil {
 		s.errorPage(w, r, err)
@@ -244,9 +230,6 @@ func (s *Server) grantPage(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) grantBegin(w http.ResponseWriter, r *http.Request) {
-	if !s.guard(w, r) {
-		return
-	}
 	b, ok := s.body(w, r)
 	if !ok {
 		return
@@ -260,9 +243,6 @@ func (s *Server) grantBegin(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) grantFinish(w http.ResponseWriter, r *http.Request) {
-	if !s.guard(w, r) {
-		return
-	}
 	b, ok := s.body(w, r)
 	if !ok {
 		return

@@ -315,8 +315,8 @@ func TestTokenGuessingIsRateLimited(t *testing.T) {
 		want   int
 	}{
 		{"deny/next_guess", http.MethodGet, guess(30), attacker, http.StatusTooManyRequests},
-		{"deny/even_a_valid_link", http.MethodGet, good, attacker, http.StatusTooManyRequests},
-		{"deny/json_endpoint", http.MethodPost, good + "/begin", attacker, http.StatusTooManyRequests},
+		{"ok/a_valid_link_still_works", http.MethodGet, good, attacker, http.StatusOK},
+		{"deny/json_endpoint_guess", http.MethodPost, guess(31) + "/begin", attacker, http.StatusTooManyRequests},
 		{"deny/other_page_kind", http.MethodGet, "/grant/" + strings.Repeat("z", 43), attacker, http.StatusTooManyRequests},
 		{"ok/other_client", http.MethodGet, good, bystander, http.StatusOK},
 	}
@@ -331,8 +331,8 @@ func TestTokenGuessingIsRateLimited(t *testing.T) {
 	}
 
 	clk.Advance(time.Minute)
-	if w := serve(s, http.MethodGet, good, attacker, nil, ""); w.Code != http.StatusOK {
-		t.Errorf("after the window: status %d, want 200", w.Code)
+	if w := serve(s, http.MethodGet, guess(40), attacker, nil, ""); w.Code != http.StatusNotFound {
+		t.Errorf("a guess after the window: status %d, want 404", w.Code)
 	}
 }
 
