@@ -12,6 +12,8 @@ import (
 	"io"
 	"strings"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/pinhole-dev/pinhole/internal/audit"
 	"github.com/pinhole-dev/pinhole/internal/devicekey"
@@ -73,8 +75,10 @@ func (s *Service) Enroll(ctx context.Context, pub ed25519.PublicKey, user, hostn
 	if !nameRE.MatchString(user) {
 		return wire.EnrollResponse{}, errorf(KindBadInput, "user name %q is not valid", user)
 	}
-	if hostname == "" || len(hostname) > 253 {
-		return wire.EnrollResponse{}, errorf(KindBadInput, "hostname must be 1-253 bytes")
+	if hostname == "" || len(hostname) > 253 || strings.IndexFunc(hostname, func(r rune) bool {
+		return r == utf8.RuneError || !unicode.IsPrint(r) || unicode.Is(unicode.Cf, r)
+	}) >= 0 {
+		return wire.EnrollResponse{}, errorf(KindBadInput, "hostname must be 1-253 bytes of printable text")
 	}
 	token, hash, err := s.secret()
 	if err != nil {

@@ -232,6 +232,10 @@ func CheckReason(reason string) error {
 		return fmt.Errorf("%w: reason is not valid UTF-8", ErrInvalid)
 	case strings.IndexFunc(reason, func(r rune) bool { return r != '\t' && unicode.IsControl(r) }) >= 0:
 		return fmt.Errorf("%w: reason must not contain control characters", ErrInvalid)
+	case strings.IndexFunc(reason, func(r rune) bool { return unicode.Is(unicode.Cf, r) }) >= 0:
+		// Format characters (bidi overrides, zero-width joiners) can make an
+		// approver read something other than what is stored.
+		return fmt.Errorf("%w: reason must not contain invisible formatting characters", ErrInvalid)
 	}
 	return nil
 }
