@@ -22,8 +22,19 @@ const RoleAdmin = "admin"
 var nameRE = regexp.MustCompile(`^[a-z][a-z0-9._-]{0,62}$`)
 
 // Bootstrap creates the first admin and returns their invite link. It
-// refuses when the user already exists.
+// refuses once any admin exists.
 func (s *Service) Bootstrap(ctx context.Context, name string) (wire.Invite, error) {
+	var admins []store.User
+	if err := s.cfg.Store.View(ctx, func(tx store.Tx) error {
+		var err error
+		admins, err = tx.UsersWithRole(ctx, RoleAdmin)
+		return err
+	}); err != nil {
+		return wire.Invite{}, err
+	}
+	if len(admins) > 0 {
+		return wire.Invite{}, errorf(KindConflict, "an admin already exists (%s); admins invite people with: pinhole admin user add NAME --role ROLE", admins[0].Name)
+	}
 	return s.invite(ctx, "bootstrap", name, RoleAdmin)
 }
 

@@ -372,3 +372,15 @@ func TestLimiterFullFailsClosedUntilWindowsExpire(t *testing.T) {
 		t.Error("still refusing after every window ran out")
 	}
 }
+
+func TestBootstrapOnlyOnce(t *testing.T) {
+	t.Parallel()
+	_, svc, _ := newTestServer(t)
+	if _, err := svc.Bootstrap(t.Context(), "ada"); err != nil {
+		t.Fatal(err)
+	}
+	_, err := svc.Bootstrap(t.Context(), "eve")
+	if service.KindOf(err) != service.KindConflict || !strings.Contains(err.Error(), "an admin already exists") {
+		t.Fatalf("second bootstrap: %v", err)
+	}
+}
