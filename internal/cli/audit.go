@@ -138,3 +138,50 @@ func decodeEvent(raw json.RawMessage) (audit.Event, error) {
 	}
 	return ev, nil
 }
+
+func auditExportCmd() *command {
+	c := &command{
+		name:    "export",
+		usage:   "[--out EVENTS.jsonl]",
+		summary: "write the audit log as JSON lines",
+		help: "Fetches every audit event from the broker and writes them as JSON lines, one\n" +
+			"event a line, to --out (created 0600) or to standard output. `pinhole audit verify\n" +
+			"--file` checks such an export without the broker.",
+	}
+	c.run = func(e *env, path string, args []string) error {
+		fs := newFlagSet(path)
+		out := fs.String("out", "", "write to this `file` (created 0600, must not exist) instead of standard output")
+		pos, err := e.parse(fs, c, path, args)
+		if err != nil {
+			return err
+		}
+		if err := wantArgs(path, pos); err != nil {
+			return err
+		}
+		cl, err := e.client()
+		if err != nil {
+			return err
+		}
+		events, err := fetchAudit(e, cl)
+		if err != nil {
+			return err
+		}
+		w := e.stdout
+		if *out != "" {
+			f, err := os.OpenFile(*out, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+			if err != nil {
+				return fmt.Errorf("creating export: %w", err)
+			}
+			defer f.Close()
+			w = f
+		}
+		if err := audit.WriteJSONL(w, events); err != nil {
+			return fmt.Errorf("writing export: %w", err)
+		}
+		if *out != "" {
+			fmt.Fprintf(e.stderr, "audit: %d events written to %s\n", len(events), *out)
+		}
+		return nil
+	}
+	return c
+}

@@ -86,7 +86,7 @@ func root() *command {
 			playCmd(),
 			{
 				name: "audit", usage: "SUBCOMMAND", summary: "work with the audit log",
-				subs: []*command{auditVerifyCmd()},
+				subs: []*command{auditVerifyCmd(), auditExportCmd()},
 			},
 			{
 				name: "admin", usage: "SUBCOMMAND", summary: "administer the broker",

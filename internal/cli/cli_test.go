@@ -703,3 +703,23 @@ func TestAgentUnreachable(t *testing.T) {
 		t.Errorf("exit %d stderr %q", code, errOut)
 	}
 }
+
+func TestAuditExportThenVerify(t *testing.T) {
+	t.Parallel()
+	f := &fakeAgent{audit: chain(7)}
+	sock := f.serve(t)
+	out := filepath.Join(t.TempDir(), "events.jsonl")
+	if code, _, errOut := run(t, "--agent", sock, "audit", "export", "--out", out); code != 0 {
+		t.Fatalf("export: exit %d: %s", code, errOut)
+	}
+	if fi, err := os.Stat(out); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("export file: %v %v", fi.Mode(), err)
+	}
+	code, stdout, _ := run(t, "audit", "verify", "--file", out)
+	if code != 0 || !strings.Contains(stdout, "7 events verified") {
+		t.Fatalf("verify export: exit %d %q", code, stdout)
+	}
+	if code, _, errOut := run(t, "--agent", sock, "audit", "export", "--out", out); code == 0 || !strings.Contains(errOut, "exists") {
+		t.Fatalf("export over an existing file: exit %d %q", code, errOut)
+	}
+}
