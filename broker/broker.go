@@ -55,6 +55,10 @@ type Config struct {
 	WireGuardHost string
 	// NotifyWebhook, when set, receives a JSON POST per grant link.
 	NotifyWebhook string
+	// AuditWitness, when set, is a file every signed audit checkpoint is
+	// appended to (JSON lines). Put it where the broker's admin cannot
+	// rewrite it; `pinhole audit verify --witness` checks the log against it.
+	AuditWitness string
 	// UAPIName, when set, exposes the gateway to `wg show NAME`.
 	UAPIName string
 	// Logger is the operational log; nil discards.
@@ -138,8 +142,13 @@ func Open(ctx context.Context, cfg Config) (*Broker, error) {
 	if b.hostKey, err = sshca.LoadOrCreateKey(filepath.Join(keys, "ssh_proxy_host_key")); err != nil {
 		return nil, fmt.Errorf("proxy host key: %w", err)
 	}
-	if _, err := devicekey.LoadOrCreate(filepath.Join(keys, "audit_signing_key.pem")); err != nil {
+	auditKey, err := devicekey.LoadOrCreate(filepath.Join(keys, "audit_signing_key.pem"))
+	if err != nil {
 		return nil, fmt.Errorf("audit signing key: %w", err)
+	}
+	var witness service.Witness
+	if cfg.AuditWitness != "" {
+		witness = &witnessFile{path: cfg.AuditWitness}
 	}
 	if b.URL, err = publicURL(cfg); err != nil {
 		return nil, err
@@ -169,7 +178,7 @@ func Open(ctx context.Context, cfg Config) (*Broker, error) {
 		b.log.Warn("no notify webhook: grant links go only to the outbox file", "path", outbox)
 	}
 	b.svc, err = service.New(service.Config{Store: b.store, Policy: b.policy, FIDO: f, UserCA: b.userCA, HostCA: b.hostCA,
-		PublicURL: b.URL, Notifier: notifier, Logger: b.log, Recordings: rec})
+		PublicURL: b.URL, Notifier: notifier, Logger: b.log, Recordings: rec, AuditKey: auditKey, Witness: witness})
 	if err != nil {
 		return nil, err
 	}
@@ -306,6 +315,7 @@ func (b *Broker) Run(ctx context.Context) error {
 		return nil
 	})
 	g.Go(func() error { return b.svc.Run(gctx) })
+	g.Go(func() error { return b.svc.RunCheckpoints(gctx) })
 	g.Go(func() error {
 		<-gctx.Done()
 		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)

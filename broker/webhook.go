@@ -11,6 +11,7 @@ import (
 	"sync"
 
 	"github.com/pinhole-dev/pinhole/broker/service"
+	"github.com/pinhole-dev/pinhole/internal/audit"
 )
 
 // webhook posts each approval notice as JSON to a URL.
@@ -63,6 +64,35 @@ func (o *outboxFile) NotifyApprover(_ context.Context, n service.ApprovalNotice)
 	if _, err := f.Write(append(line, '\n')); err != nil {
 		f.Close()
 		return fmt.Errorf("writing outbox: %w", err)
+	}
+	return f.Close()
+}
+
+// witnessFile appends each signed audit checkpoint as a JSON line and syncs
+// it, so that a checkpoint the broker acknowledged survives a crash.
+type witnessFile struct {
+	mu   sync.Mutex
+	path string
+}
+
+func (w *witnessFile) Witness(_ context.Context, cp audit.Checkpoint) error {
+	line, err := json.Marshal(cp)
+	if err != nil {
+		return fmt.Errorf("encoding checkpoint: %w", err)
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	f, err := os.OpenFile(w.path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+	if err != nil {
+		return fmt.Errorf("opening witness file: %w", err)
+	}
+	if _, err := f.Write(append(line, '\n')); err != nil {
+		f.Close()
+		return fmt.Errorf("writing witness file: %w", err)
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return fmt.Errorf("syncing witness file: %w", err)
 	}
 	return f.Close()
 }

@@ -7,6 +7,7 @@ package api
 import (
 	"bytes"
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -53,6 +54,7 @@ func New(svc *service.Service, userCA, hostCA ssh.PublicKey, log *slog.Logger) *
 	s.mux.HandleFunc("POST "+wire.PathRevoke, s.device(false, s.revoke))
 	s.mux.HandleFunc("POST "+wire.PathAdminUsers, s.device(false, s.inviteUser))
 	s.mux.HandleFunc("GET "+wire.PathAuditEvents, s.device(false, s.auditEvents))
+	s.mux.HandleFunc("GET "+wire.PathAuditCheckpt, s.device(false, s.auditCheckpoint))
 	s.mux.HandleFunc("GET "+wire.PathRecordings, s.device(false, s.recordings))
 	s.mux.HandleFunc("GET "+wire.PathRecordingData, s.device(false, s.recordingData))
 	s.mux.HandleFunc("/v1/", func(w http.ResponseWriter, r *http.Request) {
@@ -203,7 +205,20 @@ func (s *Server) device(allowPending bool, h func(http.ResponseWriter, *http.Req
 }
 
 func (s *Server) ca(w http.ResponseWriter, _ *http.Request) {
-	writeJSON(w, http.StatusOK, wire.CA{UserCAKeys: []string{sshca.AuthorizedKey(s.userCA)}, HostCAKeys: []string{sshca.AuthorizedKey(s.hostCA)}})
+	ca := wire.CA{UserCAKeys: []string{sshca.AuthorizedKey(s.userCA)}, HostCAKeys: []string{sshca.AuthorizedKey(s.hostCA)}}
+	if k := s.svc.AuditPublicKey(); k != nil {
+		ca.AuditKeys = []string{base64.StdEncoding.EncodeToString(k)}
+	}
+	writeJSON(w, http.StatusOK, ca)
+}
+
+func (s *Server) auditCheckpoint(w http.ResponseWriter, r *http.Request, c caller) {
+	cp, err := s.svc.LatestCheckpoint(r.Context(), c.user)
+	if err != nil {
+		WriteServiceError(w, s.log, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, wire.Checkpoint{Seq: cp.Seq, Hash: cp.Hash, Time: cp.Time, KeyID: cp.KeyID, Signature: cp.Signature})
 }
 
 func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {

@@ -7,6 +7,7 @@ package service
 
 import (
 	"context"
+	"crypto/ed25519"
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/base64"
@@ -81,8 +82,20 @@ type Config struct {
 	Logger *slog.Logger
 	// Recordings is where session recordings are written.
 	Recordings *recording.FileStore
+	// AuditKey signs audit checkpoints; nil means no checkpoints.
+	AuditKey ed25519.PrivateKey
+	// Witness, when set, receives every checkpoint outside the store.
+	Witness Witness
+	// CheckpointEvery is how often the chain head is checkpointed; 0 means 10s.
+	CheckpointEvery time.Duration
 	// InviteTTL is how long invite and device-confirmation links live; 0 means 24h / 15m.
 	InviteTTL time.Duration
+}
+
+// Witness keeps checkpoints where the broker's own admin cannot rewrite
+// them (an append-only file on another system, a log collector).
+type Witness interface {
+	Witness(ctx context.Context, cp audit.Checkpoint) error
 }
 
 // Service implements the use cases.
@@ -122,6 +135,9 @@ func New(cfg Config) (*Service, error) {
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.CheckpointEvery == 0 {
+		cfg.CheckpointEvery = 10 * time.Second
 	}
 	if cfg.InviteTTL == 0 {
 		cfg.InviteTTL = 24 * time.Hour

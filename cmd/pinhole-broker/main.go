@@ -51,6 +51,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fs.StringVar(&cfg.WireGuardHost, "wg-host", "127.0.0.1", "host agents send WireGuard to")
 		fs.StringVar(&cfg.NotifyWebhook, "notify-webhook", "", "URL that receives a JSON POST per grant link")
 		fs.StringVar(&cfg.UAPIName, "uapi-name", "", "expose the gateway to `wg show NAME` (needs /var/run/wireguard)")
+		fs.StringVar(&cfg.AuditWitness, "audit-witness", "", "append every signed audit checkpoint to this `file` (keep it off the broker's admin's reach)")
 	case "bootstrap":
 		fs.StringVar(&admin, "admin", "", "name of the first admin")
 	case "help", "-h", "--help":

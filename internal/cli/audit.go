@@ -1,7 +1,10 @@
 package cli
 
 import (
+	"bufio"
 	"bytes"
+	"crypto/ed25519"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -25,15 +28,21 @@ var errVerifyFailed = errors.New("audit verification failed")
 func auditVerifyCmd() *command {
 	c := &command{
 		name:    "verify",
-		usage:   "[--file EVENTS.jsonl]",
-		summary: "check the audit log's hash chain",
+		usage:   "[--file EVENTS.jsonl] [--witness CHECKPOINTS.jsonl] [--audit-key KEY]",
+		summary: "check the audit log's hash chain and signed checkpoints",
 		help: "Fetches every audit event from the broker (or reads a JSON-lines export) and\n" +
 			"checks that the chain starts at seq 1 and has no edited, dropped, reordered or\n" +
-			"inserted event. Exits 1 naming the first bad seq.",
+			"inserted event. Then it checks the broker's newest signed checkpoint, and with\n" +
+			"--witness the newest checkpoint in a witness file (the broker's --audit-witness):\n" +
+			"a checkpoint proves that no event up to its seq was dropped or re-hashed. The\n" +
+			"checkpoint key comes from the broker unless pinned with --audit-key (base64).\n" +
+			"Exits 1 naming the first bad seq.",
 	}
 	c.run = func(e *env, path string, args []string) error {
 		fs := newFlagSet(path)
 		file := fs.String("file", "", "verify this JSON-lines export instead of the broker's log")
+		witness := fs.String("witness", "", "also check the newest checkpoint in this witness `file`")
+		keyB64 := fs.String("audit-key", "", "the checkpoint signing `key` (base64 Ed25519); default: the broker's")
 		pos, err := e.parse(fs, c, path, args)
 		if err != nil {
 			return err
@@ -42,13 +51,11 @@ func auditVerifyCmd() *command {
 			return err
 		}
 		var events []audit.Event
+		var cl *client.Client
 		if *file != "" {
 			events, err = readAuditFile(*file)
-		} else {
-			var cl *client.Client
-			if cl, err = e.client(); err == nil {
-				events, err = fetchAudit(e, cl)
-			}
+		} else if cl, err = e.client(); err == nil {
+			events, err = fetchAudit(e, cl)
 		}
 		if err != nil {
 			return err
@@ -66,7 +73,7 @@ func auditVerifyCmd() *command {
 			head = events[len(events)-1]
 		}
 		fmt.Fprintf(e.stdout, "audit: %d events verified; head seq %d hash %s\n", len(events), head.Seq, head.Hash)
-		return nil
+		return verifyCheckpoints(e, cl, events, *witness, *keyB64)
 	}
 	return c
 }
@@ -184,4 +191,116 @@ func auditExportCmd() *command {
 		return nil
 	}
 	return c
+}
+
+// verifyCheckpoints checks the broker's newest checkpoint (when talking to
+// the broker) and the newest one in the witness file against events.
+func verifyCheckpoints(e *env, cl *client.Client, events []audit.Event, witness, keyB64 string) error {
+	type named struct {
+		from string
+		cp   audit.Checkpoint
+	}
+	var cps []named
+	if cl != nil {
+		w, err := cl.AuditCheckpoint(e.ctx)
+		var ae *client.APIError
+		switch {
+		case errors.As(err, &ae) && ae.Status == 404:
+			fmt.Fprintf(e.stdout, "audit: the broker has no signed checkpoint yet\n")
+		case err != nil:
+			return fmt.Errorf("fetching the audit checkpoint: %w", err)
+		default:
+			cps = append(cps, named{"broker", audit.Checkpoint{Seq: w.Seq, Hash: w.Hash, Time: w.Time, KeyID: w.KeyID, Signature: w.Signature}})
+		}
+	}
+	if witness != "" {
+		cp, err := lastWitnessCheckpoint(witness)
+		if err != nil {
+			return err
+		}
+		cps = append(cps, named{"witness", cp})
+	}
+	if len(cps) == 0 {
+		return nil
+	}
+	pub, err := checkpointKey(e, cl, keyB64)
+	if err != nil {
+		return err
+	}
+	for _, c := range cps {
+		err := audit.VerifyCheckpoint(pub, c.cp, events)
+		switch {
+		case err == nil:
+			fmt.Fprintf(e.stdout, "audit: %s checkpoint at seq %d (key %s, %s) matches\n", c.from, c.cp.Seq, c.cp.KeyID, c.cp.Time.UTC().Format("2006-01-02 15:04:05 UTC"))
+			continue
+		case errors.Is(err, audit.ErrCheckpointMissing):
+			last := int64(0)
+			if len(events) > 0 {
+				last = events[len(events)-1].Seq
+			}
+			fmt.Fprintf(e.stdout, "audit: verification FAILED at seq %d: the log ends at seq %d but a signed %s checkpoint covers seq %d: events were dropped\n",
+				last+1, last, c.from, c.cp.Seq)
+		case errors.Is(err, audit.ErrCheckpointMismatch):
+			fmt.Fprintf(e.stdout, "audit: verification FAILED at seq %d: the event differs from the signed %s checkpoint: the chain was rewritten\n", c.cp.Seq, c.from)
+		default:
+			fmt.Fprintf(e.stdout, "audit: verification FAILED: %s checkpoint at seq %d: %v\n", c.from, c.cp.Seq, err)
+		}
+		return &exitError{code: 1}
+	}
+	return nil
+}
+
+// checkpointKey returns the pinned key, or the broker's.
+func checkpointKey(e *env, cl *client.Client, keyB64 string) (ed25519.PublicKey, error) {
+	if keyB64 == "" && cl != nil {
+		ca, err := cl.CA(e.ctx)
+		if err != nil {
+			return nil, fmt.Errorf("fetching the checkpoint key: %w", err)
+		}
+		if len(ca.AuditKeys) == 0 {
+			return nil, errors.New("the broker publishes no checkpoint key; pin one with --audit-key")
+		}
+		keyB64 = ca.AuditKeys[0]
+	}
+	if keyB64 == "" {
+		return nil, errors.New("checking a witness file without the broker needs --audit-key")
+	}
+	b, err := base64.StdEncoding.DecodeString(keyB64)
+	if err != nil || len(b) != ed25519.PublicKeySize {
+		return nil, fmt.Errorf("--audit-key: want a base64 Ed25519 public key")
+	}
+	return ed25519.PublicKey(b), nil
+}
+
+// lastWitnessCheckpoint reads the newest checkpoint of a witness file.
+func lastWitnessCheckpoint(path string) (audit.Checkpoint, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return audit.Checkpoint{}, fmt.Errorf("reading witness file: %w", err)
+	}
+	defer f.Close()
+	var last audit.Checkpoint
+	n := 0
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 64<<10), 64<<10)
+	for sc.Scan() {
+		if len(bytes.TrimSpace(sc.Bytes())) == 0 {
+			continue
+		}
+		var cp audit.Checkpoint
+		if err := json.Unmarshal(sc.Bytes(), &cp); err != nil {
+			return audit.Checkpoint{}, fmt.Errorf("witness file line %d: %w", n+1, err)
+		}
+		if cp.Seq >= last.Seq {
+			last = cp
+		}
+		n++
+	}
+	if err := sc.Err(); err != nil {
+		return audit.Checkpoint{}, fmt.Errorf("reading witness file: %w", err)
+	}
+	if n == 0 {
+		return audit.Checkpoint{}, fmt.Errorf("witness file %s has no checkpoint", path)
+	}
+	return last, nil
 }

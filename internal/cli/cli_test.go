@@ -2,6 +2,8 @@ package cli
 
 import (
 	"context"
+	"crypto/ed25519"
+	"encoding/base64"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -25,7 +27,9 @@ var (
 
 // fakeAgent answers the local API and the forwarded broker API.
 type fakeAgent struct {
-	audit []audit.Event
+	audit      []audit.Event
+	checkpoint *audit.Checkpoint // served at /v1/audit/checkpoint when set
+	auditKey   ed25519.PublicKey // published at /v1/ca when set
 
 	mu      sync.Mutex
 	created []wire.CreateRequest
@@ -131,6 +135,21 @@ func (f *fakeAgent) handler() http.Handler {
 			return
 		}
 		writeJSON(w, 200, wire.Invite{User: req.Name, URL: "https://broker:8443/invite/tok", ExpiresAt: expires})
+	})
+	mux.HandleFunc("GET /v1/audit/checkpoint", func(w http.ResponseWriter, r *http.Request) {
+		if f.checkpoint == nil {
+			writeJSON(w, 404, wire.Error{Error: "the audit log has no checkpoint", Code: "not_found"})
+			return
+		}
+		cp := f.checkpoint
+		writeJSON(w, 200, wire.Checkpoint{Seq: cp.Seq, Hash: cp.Hash, Time: cp.Time, KeyID: cp.KeyID, Signature: cp.Signature})
+	})
+	mux.HandleFunc("GET /v1/ca", func(w http.ResponseWriter, r *http.Request) {
+		ca := wire.CA{}
+		if f.auditKey != nil {
+			ca.AuditKeys = []string{base64.StdEncoding.EncodeToString(f.auditKey)}
+		}
+		writeJSON(w, 200, ca)
 	})
 	mux.HandleFunc("GET /v1/audit/events", func(w http.ResponseWriter, r *http.Request) {
 		after, _ := strconv.ParseInt(r.URL.Query().Get("after"), 10, 64)
@@ -462,12 +481,12 @@ func TestCommands(t *testing.T) {
 		{
 			name:    "ok/audit-verify",
 			args:    []string{"--agent", std, "audit", "verify"},
-			wantOut: fmt.Sprintf("audit: 7 events verified; head seq 7 hash %s\n", head.Hash),
+			wantOut: fmt.Sprintf("audit: 7 events verified; head seq 7 hash %s\naudit: the broker has no signed checkpoint yet\n", head.Hash),
 		},
 		{
 			name:    "ok/audit-verify-empty",
 			args:    []string{"--agent", empty, "audit", "verify"},
-			wantOut: fmt.Sprintf("audit: 0 events verified; head seq 0 hash %s\n", audit.GenesisHash),
+			wantOut: fmt.Sprintf("audit: 0 events verified; head seq 0 hash %s\naudit: the broker has no signed checkpoint yet\n", audit.GenesisHash),
 		},
 		{
 			name:     "fail/audit-verify-tampered",
@@ -721,5 +740,64 @@ func TestAuditExportThenVerify(t *testing.T) {
 	}
 	if code, _, errOut := run(t, "--agent", sock, "audit", "export", "--out", out); code == 0 || !strings.Contains(errOut, "exists") {
 		t.Fatalf("export over an existing file: exit %d %q", code, errOut)
+	}
+}
+
+func TestAuditVerifyCheckpoints(t *testing.T) {
+	t.Parallel()
+	pub, priv, _ := ed25519.GenerateKey(nil)
+	events := chain(7)
+	cp6 := audit.SignCheckpoint(priv, events[5], t0.Add(time.Hour))
+	// A chain rewritten from seq 2 on and re-hashed: consistent, but not what was signed.
+	rewritten := append([]audit.Event(nil), events[:1]...)
+	for _, ev := range events[1:] {
+		ev.Actor = "mallory"
+		rewritten = append(rewritten, audit.Seal(rewritten[len(rewritten)-1].Hash, ev))
+	}
+	dir := t.TempDir()
+	witness := filepath.Join(dir, "witness.jsonl")
+	cp7 := audit.SignCheckpoint(priv, events[6], t0.Add(2*time.Hour))
+	var lines []byte
+	for _, cp := range []audit.Checkpoint{cp6, cp7} {
+		b, _ := json.Marshal(cp)
+		lines = append(append(lines, b...), '\n')
+	}
+	os.WriteFile(witness, lines, 0o600)
+	export := filepath.Join(dir, "events.jsonl")
+	ef, _ := os.Create(export)
+	audit.WriteJSONL(ef, events[:6])
+	ef.Close()
+
+	tests := []struct {
+		name     string
+		agent    *fakeAgent
+		extra    []string
+		wantCode int
+		wantOut  string
+	}{
+		{"ok/matches", &fakeAgent{audit: events, checkpoint: &cp6, auditKey: pub}, nil, 0, "broker checkpoint at seq 6"},
+		{"fail/tail-cut", &fakeAgent{audit: events[:5], checkpoint: &cp6, auditKey: pub}, nil, 1, "FAILED at seq 6: the log ends at seq 5 but a signed broker checkpoint covers seq 6: events were dropped"},
+		{"fail/rehashed", &fakeAgent{audit: rewritten, checkpoint: &cp6, auditKey: pub}, nil, 1, "FAILED at seq 6: the event differs from the signed broker checkpoint"},
+		{"fail/witness-sees-cut", &fakeAgent{audit: events[:6], checkpoint: &cp6, auditKey: pub}, []string{"--witness", witness}, 1, "signed witness checkpoint covers seq 7"},
+		{"fail/other-key", &fakeAgent{audit: events, checkpoint: &cp6, auditKey: func() ed25519.PublicKey { p, _, _ := ed25519.GenerateKey(nil); return p }()}, nil, 1, "FAILED: broker checkpoint at seq 6"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			sock := tt.agent.serve(t)
+			code, out, errOut := run(t, append([]string{"--agent", sock, "audit", "verify"}, tt.extra...)...)
+			if code != tt.wantCode || !strings.Contains(out, tt.wantOut) {
+				t.Errorf("exit %d stdout %q stderr %q; want exit %d and %q", code, out, errOut, tt.wantCode, tt.wantOut)
+			}
+		})
+	}
+	// An export checked offline against the witness, with a pinned key.
+	code, out, _ := run(t, "audit", "verify", "--file", export, "--witness", witness, "--audit-key", base64.StdEncoding.EncodeToString(pub))
+	if code != 1 || !strings.Contains(out, "covers seq 7") {
+		t.Errorf("offline export vs witness: exit %d %q", code, out)
+	}
+	code, _, errOut := run(t, "audit", "verify", "--file", export, "--witness", witness)
+	if code == 0 || !strings.Contains(errOut, "--audit-key") {
+		t.Errorf("offline witness check without a key: exit %d %q", code, errOut)
 	}
 }

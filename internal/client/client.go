@@ -203,6 +203,12 @@ func (c *Client) AuditEvents(ctx context.Context, after int64, limit int) (wire.
 	return out, c.do(ctx, http.MethodGet, wire.PathAuditEvents, q, nil, &out)
 }
 
+// AuditCheckpoint fetches the newest signed audit checkpoint.
+func (c *Client) AuditCheckpoint(ctx context.Context) (wire.Checkpoint, error) {
+	var out wire.Checkpoint
+	return out, c.do(ctx, http.MethodGet, wire.PathAuditCheckpt, nil, nil, &out)
+}
+
 // Recordings lists recorded sessions.
 func (c *Client) Recordings(ctx context.Context) ([]wire.Recording, error) {
 	var out []wire.Recording

@@ -173,6 +173,12 @@ type Tx interface {
 	// AppendAudit seals e onto the chain (Seq, PrevHash, Hash) and stores it.
 	AppendAudit(ctx context.Context, e audit.Event) (audit.Event, error)
 	AuditEvents(ctx context.Context, after int64, limit int) ([]audit.Event, error)
+	// AuditHead returns the newest audit event; ErrNotFound when there is none.
+	AuditHead(ctx context.Context) (audit.Event, error)
+	// PutCheckpoint stores a signed checkpoint (one per seq).
+	PutCheckpoint(ctx context.Context, cp audit.Checkpoint) error
+	// LatestCheckpoint returns the checkpoint with the highest seq; ErrNotFound when there is none.
+	LatestCheckpoint(ctx context.Context) (audit.Checkpoint, error)
 
 	PutRecording(ctx context.Context, r Recording) error
 	Recording(ctx context.Context, id string) (Recording, error)

@@ -27,7 +27,8 @@ const (
 	PathActivate      = "/v1/grants/{id}/activate" // POST ActivateRequest -> Activation
 	PathRevoke        = "/v1/grants/{id}/revoke"   // POST RevokeRequest -> Request
 	PathAdminUsers    = "/v1/admin/users"          // POST InviteUser -> Invite (admin role)
-	PathAuditEvents   = "/v1/audit/events"         // GET ?after=SEQ&limit=N -> AuditPage (admin or auditor role)
+	PathAuditEvents   = "/v1/audit/events"         // GET ?after=SEQ&limit=N -> AuditPage (admin role)
+	PathAuditCheckpt  = "/v1/audit/checkpoint"     // GET -> Checkpoint, the newest signed one (admin role)
 	PathRecordings    = "/v1/recordings"           // GET -> []Recording
 	PathRecordingData = "/v1/recordings/{id}/cast" // GET -> asciicast v2 bytes
 	PathHealth        = "/healthz"                 // GET -> "ok"
@@ -44,6 +45,17 @@ type Error struct {
 type CA struct {
 	UserCAKeys []string `json:"user_ca_keys"`
 	HostCAKeys []string `json:"host_ca_keys"`
+	// AuditKeys are the base64 Ed25519 keys that sign audit checkpoints.
+	AuditKeys []string `json:"audit_keys,omitempty"`
+}
+
+// Checkpoint is a signed audit checkpoint (package audit's Checkpoint).
+type Checkpoint struct {
+	Seq       int64     `json:"seq"`
+	Hash      string    `json:"hash"`
+	Time      time.Time `json:"time"`
+	KeyID     string    `json:"key_id"`
+	Signature []byte    `json:"signature"`
 }
 
 // EnrollRequest asks the broker to enroll the calling device (its key is the

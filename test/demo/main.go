@@ -209,7 +209,7 @@ func (d *demo) run(ctx context.Context) error {
 
 	d.say("Broker starts (SQLite store, self-generated TLS/SSH CA/WireGuard/audit keys, all 0600)")
 	if _, err := d.background("pinhole-broker", filepath.Join(d.dir, "broker.log"), "serve", "--data", data, "--config", cfgPath,
-		"--listen", listen, "--wg-port", "0", "--notify-webhook", hook.URL); err != nil {
+		"--listen", listen, "--wg-port", "0", "--notify-webhook", hook.URL, "--audit-witness", filepath.Join(d.dir, "witness.jsonl")); err != nil {
 		return err
 	}
 	caFile := filepath.Join(data, "tls", "cert.pem")
@@ -338,7 +338,14 @@ func (d *demo) run(ctx context.Context) error {
 	}
 
 	d.say("security verifies the tamper-evident audit log")
-	out, err = d.cmd(ctx, "pinhole audit verify", "pinhole", "--agent", adaSock, "audit", "verify")
+	d.note("the broker signs a checkpoint of the chain's head every 10 s and appends it to a witness file")
+	if err := waitFor(ctx, "a witnessed checkpoint", func() bool {
+		b, _ := os.ReadFile(filepath.Join(d.dir, "witness.jsonl"))
+		return len(b) > 0
+	}); err != nil {
+		return err
+	}
+	out, err = d.cmd(ctx, "pinhole audit verify --witness witness.jsonl", "pinhole", "--agent", adaSock, "audit", "verify", "--witness", filepath.Join(d.dir, "witness.jsonl"))
 	if err != nil {
 		return err
 	}

@@ -4,7 +4,9 @@ import (
 	"database/sql"
 	"encoding/json"
 	"errors"
+	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	_ "modernc.org/sqlite"
@@ -102,5 +104,47 @@ func TestAuditVerifyDetectsStoreEdits(t *testing.T) {
 	}
 	if err := audit.Verify(load()); err != nil {
 		t.Fatalf("restored chain: %v", err)
+	}
+}
+
+// TestAuditCheckpointCatchesTailCut: once the head is checkpointed (and
+// witnessed outside the store), deleting the newest events or re-hashing the
+// chain no longer passes verification.
+func TestAuditCheckpointCatchesTailCut(t *testing.T) {
+	e := newEnv(t)
+	e.invite("alice", "dba")
+	e.invite("bob", "approver")
+	cp, err := e.b.Service().Checkpoint(e.ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub := e.b.Service().AuditPublicKey()
+	evs := e.auditEvents()
+	if err := audit.VerifyCheckpoint(pub, cp, evs); err != nil {
+		t.Fatalf("fresh checkpoint: %v", err)
+	}
+	w, err := os.ReadFile(filepath.Join(e.dir, "witness.jsonl"))
+	if err != nil || !strings.Contains(string(w), cp.Hash) {
+		t.Fatalf("witness file lacks the checkpoint: %v %q", err, w)
+	}
+	// A second call with no new events signs nothing new.
+	if again, err := e.b.Service().Checkpoint(e.ctx); err != nil || again.Seq != cp.Seq {
+		t.Fatalf("idempotent checkpoint: %+v %v", again, err)
+	}
+
+	db, err := sql.Open("sqlite", "file:"+filepath.Join(e.dir, "broker", "pinhole.db")+"?_pragma=busy_timeout(10000)")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	if _, err := db.Exec(`DELETE FROM audit_events WHERE seq >= ?`, cp.Seq-1); err != nil {
+		t.Fatal(err)
+	}
+	cut := e.auditEvents()
+	if err := audit.Verify(cut); err != nil {
+		t.Fatalf("the cut chain is still a valid chain, as expected of a chain alone: %v", err)
+	}
+	if err := audit.VerifyCheckpoint(pub, cp, cut); !errors.Is(err, audit.ErrCheckpointMissing) {
+		t.Fatalf("checkpoint against a cut log: %v, want ErrCheckpointMissing", err)
 	}
 }

@@ -133,7 +133,7 @@ func newEnv(t *testing.T) *env {
 		t.Fatal(err)
 	}
 	e.cfg = broker.Config{DataDir: filepath.Join(e.dir, "broker"), ConfigFile: cfg, Listen: "127.0.0.1:0",
-		WireGuardPort: 0, NotifyWebhook: e.hook.URL, Logger: testLogger(t)}
+		WireGuardPort: 0, NotifyWebhook: e.hook.URL, Logger: testLogger(t), AuditWitness: filepath.Join(e.dir, "witness.jsonl")}
 	t.Cleanup(cancel)
 	e.startBroker()
 	t.Cleanup(func() { e.stop() })

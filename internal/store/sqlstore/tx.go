@@ -460,6 +460,38 @@ func (t *txn) AuditEvents(ctx context.Context, after int64, limit int) ([]audit.
 	return out, rows.Err()
 }
 
+func (t *txn) AuditHead(ctx context.Context) (audit.Event, error) {
+	var b []byte
+	if err := t.tx.QueryRowContext(ctx, `SELECT data FROM audit_events ORDER BY seq DESC LIMIT 1`).Scan(&b); err != nil {
+		return audit.Event{}, notFound(err, "audit head")
+	}
+	var e audit.Event
+	if err := json.Unmarshal(b, &e); err != nil {
+		return audit.Event{}, fmt.Errorf("decoding audit event: %w", err)
+	}
+	return e, nil
+}
+
+func (t *txn) PutCheckpoint(ctx context.Context, cp audit.Checkpoint) error {
+	b, err := json.Marshal(cp)
+	if err != nil {
+		return fmt.Errorf("encoding checkpoint: %w", err)
+	}
+	return t.exec(ctx, "storing checkpoint", `INSERT INTO audit_checkpoints(seq, data) VALUES (?, ?)`, cp.Seq, b)
+}
+
+func (t *txn) LatestCheckpoint(ctx context.Context) (audit.Checkpoint, error) {
+	var b []byte
+	if err := t.tx.QueryRowContext(ctx, `SELECT data FROM audit_checkpoints ORDER BY seq DESC LIMIT 1`).Scan(&b); err != nil {
+		return audit.Checkpoint{}, notFound(err, "audit checkpoint")
+	}
+	var cp audit.Checkpoint
+	if err := json.Unmarshal(b, &cp); err != nil {
+		return audit.Checkpoint{}, fmt.Errorf("decoding checkpoint: %w", err)
+	}
+	return cp, nil
+}
+
 // Recordings.
 
 func (t *txn) PutRecording(ctx context.Context, r store.Recording) error {

@@ -18,6 +18,7 @@ package storetest
 import (
 	"bytes"
 	"context"
+	"crypto/ed25519"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -60,6 +61,7 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 		{"device_events", testDeviceEvents},
 		{"audit", testAudit},
 		{"audit_concurrent", testAuditConcurrent},
+		{"audit_checkpoints", testAuditCheckpoints},
 		{"recordings", testRecordings},
 		{"update_rollback", testUpdateRollback},
 		{"view_never_commits", testViewNeverCommits},
@@ -964,5 +966,49 @@ func testNotFound(t *testing.T, s store.Store) {
 				t.Errorf("%s: error %v also matches ErrConflict", tc.name, err)
 			}
 		})
+	}
+}
+
+func testAuditCheckpoints(t *testing.T, s store.Store) {
+	view(t, s, func(ctx context.Context, tx store.Tx) error {
+		if _, err := tx.AuditHead(ctx); !errors.Is(err, store.ErrNotFound) {
+			t.Errorf("AuditHead of an empty log: %v, want ErrNotFound", err)
+		}
+		if _, err := tx.LatestCheckpoint(ctx); !errors.Is(err, store.ErrNotFound) {
+			t.Errorf("LatestCheckpoint with none: %v, want ErrNotFound", err)
+		}
+		return nil
+	})
+	_, priv, _ := ed25519.GenerateKey(nil)
+	var cps []audit.Checkpoint
+	for i := range 3 {
+		update(t, s, func(ctx context.Context, tx store.Tx) error {
+			if _, err := tx.AppendAudit(ctx, auditEvent(i)); err != nil {
+				return err
+			}
+			head, err := tx.AuditHead(ctx)
+			if err != nil {
+				return err
+			}
+			if head.Seq != int64(i+1) {
+				t.Errorf("AuditHead seq = %d, want %d", head.Seq, i+1)
+			}
+			cp := audit.SignCheckpoint(priv, head, T0)
+			cps = append(cps, cp)
+			return tx.PutCheckpoint(ctx, cp)
+		})
+	}
+	view(t, s, func(ctx context.Context, tx store.Tx) error {
+		got, err := tx.LatestCheckpoint(ctx)
+		if err != nil {
+			return err
+		}
+		if diff := cmp.Diff(cps[2], got); diff != "" {
+			t.Errorf("LatestCheckpoint (-want +got):\n%s", diff)
+		}
+		return nil
+	})
+	if err := updateErr(t, s, func(ctx context.Context, tx store.Tx) error { return tx.PutCheckpoint(ctx, cps[1]) }); !errors.Is(err, store.ErrConflict) {
+		t.Errorf("second checkpoint for one seq: %v, want ErrConflict", err)
 	}
 }
