@@ -110,9 +110,15 @@ func Open(ctx context.Context, cfg Config) (*Broker, error) {
 		return nil, err
 	}
 	// Rules first: a bad config must not touch the data dir.
+	if fi, err := os.Stat(cfg.ConfigFile); err == nil && fi.Mode().Perm()&0o022 != 0 {
+		return nil, fmt.Errorf("config file %s is writable by others (mode %v): whoever can write it decides who gets access; make it 0644 or stricter", cfg.ConfigFile, fi.Mode().Perm())
+	}
 	pc, err := policyfile.Load(cfg.ConfigFile)
 	if err != nil {
 		return nil, err
+	}
+	if len(pc.Targets) == 0 || len(pc.Rules) == 0 {
+		cfg.Logger.Warn("the config grants nothing: it has no targets or no rules", "config", cfg.ConfigFile)
 	}
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("creating data dir: %w", err)

@@ -73,3 +73,20 @@ func TestOpenRefusesBadWebhookURL(t *testing.T) {
 		}
 	}
 }
+
+func TestOpenRefusesConfigWritableByOthers(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	cfg := filepath.Join(dir, "pinhole.yaml")
+	os.WriteFile(cfg, []byte("roles: [dba]\n"), 0o600)
+	if err := os.Chmod(cfg, 0o666); err != nil {
+		t.Fatal(err)
+	}
+	_, err := Open(context.Background(), Config{DataDir: filepath.Join(dir, "data"), ConfigFile: cfg})
+	if err == nil || !strings.Contains(err.Error(), "writable by others") {
+		t.Fatalf("world-writable config: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "data")); err == nil {
+		t.Fatal("the data dir was created for a refused config")
+	}
+}

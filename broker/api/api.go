@@ -18,6 +18,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/pinhole-dev/pinhole/broker/ratelimit"
 	"github.com/pinhole-dev/pinhole/broker/service"
 	"github.com/pinhole-dev/pinhole/internal/devicekey"
 	"github.com/pinhole-dev/pinhole/internal/sshca"
@@ -33,14 +34,21 @@ type Server struct {
 	userCA ssh.PublicKey
 	hostCA ssh.PublicKey
 	mux    *http.ServeMux
+	// enrolls bounds enrollment attempts per client network: enrolling
+	// needs only a self-made key, so it must not be free to flood.
+	enrolls *ratelimit.Limiter
 }
+
+// Enrollment attempts allowed per client network per minute.
+const enrollsPerMinute = 10
 
 // New returns the API handler.
 func New(svc *service.Service, userCA, hostCA ssh.PublicKey, log *slog.Logger) *Server {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	s := &Server{svc: svc, log: log, userCA: userCA, hostCA: hostCA, mux: http.NewServeMux()}
+	s := &Server{svc: svc, log: log, userCA: userCA, hostCA: hostCA, mux: http.NewServeMux(),
+		enrolls: ratelimit.New(enrollsPerMinute, time.Minute, svc.Now)}
 	s.mux.HandleFunc("GET "+wire.PathCA, s.ca)
 	s.mux.HandleFunc("GET "+wire.PathHealth, func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok\n") })
 	s.mux.HandleFunc("POST "+wire.PathEnroll, s.enroll)
@@ -227,6 +235,13 @@ func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusUnauthorized, "unauthenticated", "device certificate required: "+err.Error())
 		return
 	}
+	key := ratelimit.Key(r)
+	if s.enrolls.Over(key) {
+		w.Header().Set("Retry-After", "60")
+		writeError(w, http.StatusTooManyRequests, "rate_limited", "too many enrollment attempts from your network; wait a minute")
+		return
+	}
+	s.enrolls.Add(key)
 	var in wire.EnrollRequest
 	if err := DecodeBody(w, r, &in); err != nil {
 		writeError(w, http.StatusBadRequest, "bad_request", err.Error())

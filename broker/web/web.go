@@ -11,13 +11,11 @@ import (
 	"html/template"
 	"io/fs"
 	"log/slog"
-	"net"
 	"net/http"
-	"net/netip"
-	"sync"
 	"time"
 
 	"github.com/pinhole-dev/pinhole/broker/api"
+	"github.com/pinhole-dev/pinhole/broker/ratelimit"
 	"github.com/pinhole-dev/pinhole/broker/service"
 )
 
@@ -35,7 +33,7 @@ type Server struct {
 	log     *slog.Logger
 	tmpl    *template.Template
 	handler http.Handler
-	limit   *limiter
+	limit   *ratelimit.Limiter
 }
 
 // New returns the web handler.
@@ -47,7 +45,7 @@ func New(svc *service.Service, log *slog.Logger) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &Server{svc: svc, log: log, tmpl: t, limit: newLimiter(30, time.Minute, svc.Now)}
+	s := &Server{svc: svc, log: log, tmpl: t, limit: ratelimit.New(30, time.Minute, svc.Now)}
 	mux := http.NewServeMux()
 	static, _ := fs.Sub(staticFS, "static")
 	mux.Handle("GET /static/", http.StripPrefix("/static/", http.FileServerFS(static)))
@@ -98,9 +96,9 @@ func (s *Server) refuseGuess(w http.ResponseWriter, r *http.Request, err error) 
 	if k != service.KindNotFound && k != service.KindGone && k != service.KindConflict {
 		return false
 	}
-	key := limitKey(r)
-	over := s.limit.over(key)
-	s.limit.add(key)
+	key := ratelimit.Key(r)
+	over := s.limit.Over(key)
+	s.limit.Add(key)
 	if !over {
 		return false
 	}
@@ -254,98 +252,4 @@ func (s *Server) grantFinish(w http.ResponseWriter, r *http.Request) {
 	}
 	b2, _ := json.Marshal(out)
 	writeRaw(w, b2)
-}
-
-func clientIP(r *http.Request) string {
-	host, _, err := net.SplitHostPort(r.RemoteAddr)
-	if err != nil {
-		return r.RemoteAddr
-	}
-	return host
-}
-
-// limiter counts failed token lookups per client network in fixed windows.
-// Only failures create entries; when maxKeys networks are being tracked and
-// none of their windows has run out, networks not yet tracked are refused
-// too (fail closed under a spread-out guessing attack) until windows expire.
-type limiter struct {
-	mu      sync.Mutex
-	max     int
-	window  time.Duration
-	now     func() time.Time
-	maxKeys int
-	counts  map[string]*window // guarded by mu
-}
-
-type window struct {
-	start time.Time
-	n     int
-}
-
-func newLimiter(max int, win time.Duration, now func() time.Time) *limiter {
-	return &limiter{max: max, window: win, now: now, maxKeys: 100000, counts: make(map[string]*window)}
-}
-
-// liveLocked returns key's window if it has not run out.
-func (l *limiter) liveLocked(key string, now time.Time) (*window, bool) {
-	w, ok := l.counts[key]
-	if !ok || now.Sub(w.start) >= l.window {
-		return nil, false
-	}
-	return w, true
-}
-
-// pruneLocked drops every window that has run out.
-func (l *limiter) pruneLocked(now time.Time) {
-	for k, w := range l.counts {
-		if now.Sub(w.start) >= l.window {
-			delete(l.counts, k)
-		}
-	}
-}
-
-func (l *limiter) add(key string) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	now := l.now()
-	if w, ok := l.liveLocked(key, now); ok {
-		w.n++
-		return
-	}
-	if len(l.counts) >= l.maxKeys {
-		l.pruneLocked(now)
-		if len(l.counts) >= l.maxKeys {
-			return // full of live offenders: over() refuses untracked keys
-		}
-	}
-	l.counts[key] = &window{start: now, n: 1}
-}
-
-func (l *limiter) over(key string) bool {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	now := l.now()
-	if w, ok := l.liveLocked(key, now); ok {
-		return w.n >= l.max
-	}
-	if len(l.counts) >= l.maxKeys {
-		l.pruneLocked(now)
-		return len(l.counts) >= l.maxKeys
-	}
-	return false
-}
-
-// limitKey is the network a client is counted by: its IPv4 address, or the
-// /64 of its IPv6 address (one host usually owns a whole /64).
-func limitKey(r *http.Request) string {
-	a, err := netip.ParseAddr(clientIP(r))
-	if err != nil {
-		return clientIP(r)
-	}
-	a = a.Unmap()
-	if a.Is6() {
-		p, _ := a.Prefix(64)
-		return p.String()
-	}
-	return a.String()
 }

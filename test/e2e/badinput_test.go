@@ -2,7 +2,10 @@ package e2e
 
 import (
 	"bytes"
+	"crypto/ed25519"
 	"encoding/json"
+	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"os"
@@ -115,5 +118,28 @@ func TestSecondBrokerOnSameDataDirRefused(t *testing.T) {
 	}
 	if _, err := e.b.Service().AuditEvents(e.ctx, store.User{Name: "root", Role: "admin"}, 0, 10); err != nil {
 		t.Fatalf("first broker hurt: %v", err)
+	}
+}
+
+// TestEnrollFloodIsLimited: enrolling needs only a self-made key, so
+// attempts are limited per client network.
+func TestEnrollFloodIsLimited(t *testing.T) {
+	e := newEnv(t)
+	e.invite("alice", "dba")
+	var last error
+	for i := range 12 {
+		_, key, _ := ed25519.GenerateKey(nil)
+		hc, err := client.DeviceHTTPClient(e.caFile, key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, last = client.New(e.url, hc).Enroll(e.ctx, wire.EnrollRequest{User: "alice", Hostname: fmt.Sprintf("ws-%d", i)})
+		if i < 10 && last != nil {
+			t.Fatalf("enrollment %d refused: %v", i, last)
+		}
+	}
+	var ae *client.APIError
+	if !errors.As(last, &ae) || ae.Status != http.StatusTooManyRequests {
+		t.Fatalf("12th enrollment in a minute: %v, want 429", last)
 	}
 }
