@@ -43,11 +43,15 @@ func recordingsCmd() *command {
 }
 
 func playCmd() *command {
-	c := &command{name: "play", usage: "ID [--speed N] [--max-idle D]", summary: "replay a recorded terminal session"}
+	c := &command{name: "play", usage: "ID [--speed N] [--max-idle D] [--raw]", summary: "replay a recorded terminal session",
+		help: "Replays the session's terminal output with its timing. Terminal control strings\n" +
+			"(OSC, DCS, APC, PM, SOS: clipboard writes, window titles) are dropped so that a\n" +
+			"recording cannot act on your terminal; --raw replays the recorded bytes exactly."}
 	c.run = func(e *env, path string, args []string) error {
 		fs := newFlagSet(path)
 		speed := fs.Float64("speed", 1, "playback speed factor")
 		maxIdle := fs.Duration("max-idle", recording.DefaultMaxIdle, "longest pause between events")
+		raw := fs.Bool("raw", false, "replay the recorded bytes exactly, terminal control strings included")
 		pos, err := e.parse(fs, c, path, args)
 		if err != nil {
 			return err
@@ -70,7 +74,7 @@ func playCmd() *command {
 			return fmt.Errorf("recording %s: %w", pos[0], err)
 		}
 		defer rc.Close()
-		if err := recording.Play(e.ctx, rc, e.stdout, recording.PlayOptions{Speed: *speed, MaxIdle: *maxIdle}); err != nil {
+		if err := recording.Play(e.ctx, rc, e.stdout, recording.PlayOptions{Speed: *speed, MaxIdle: *maxIdle, Raw: *raw}); err != nil {
 			return fmt.Errorf("playing %s: %w", pos[0], err)
 		}
 		return nil

@@ -6,7 +6,9 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"strings"
 	"time"
+	"unicode/utf8"
 )
 
 // DefaultMaxIdle is the longest pause Play makes when PlayOptions.MaxIdle is
@@ -24,6 +26,11 @@ type PlayOptions struct {
 	// Sleep waits for d or until ctx is done; nil means a real timer. Tests
 	// inject a fake.
 	Sleep func(ctx context.Context, d time.Duration) error
+	// Raw writes the recorded bytes exactly. By default Play drops terminal
+	// control strings (OSC, DCS, SOS, PM, APC): a recorded session must not
+	// be able to set the reviewer's clipboard or window title, or talk to
+	// their terminal, just because someone replays it.
+	Raw bool
 }
 
 // Play reads an asciicast v2 recording from r and writes its output events
@@ -55,6 +62,7 @@ func Play(ctx context.Context, r io.Reader, w io.Writer, o PlayOptions) error {
 	}
 	var prev float64
 	var pause time.Duration
+	var filter controlStringFilter
 	for {
 		if err := ctx.Err(); err != nil {
 			return err
@@ -81,7 +89,11 @@ func Play(ctx context.Context, r io.Reader, w io.Writer, o PlayOptions) error {
 			}
 		}
 		pause = 0
-		if _, err := io.WriteString(w, ev.Data); err != nil {
+		data := ev.Data
+		if !o.Raw {
+			data = filter.apply(data)
+		}
+		if _, err := io.WriteString(w, data); err != nil {
 			return fmt.Errorf("recording: writing playback: %w", err)
 		}
 	}
@@ -96,4 +108,67 @@ func sleepCtx(ctx context.Context, d time.Duration) error {
 	case <-t.C:
 		return nil
 	}
+}
+
+// controlStringFilter removes ECMA-48 control strings (OSC, DCS, SOS, PM,
+// APC, in their 7-bit ESC forms and 8-bit C1 forms) from terminal output,
+// keeping everything else (text, CSI sequences for colour and cursor). It
+// keeps state across calls, so a string split between events is still
+// removed.
+type controlStringFilter struct {
+	state int // fsNormal, fsEsc, fsString, fsStringEsc
+	n     int // bytes dropped in the current string
+}
+
+const (
+	fsNormal = iota
+	fsEsc
+	fsString
+	fsStringEsc
+	// maxControlString bounds one control string; past it the filter gives
+	// up on the string and returns to text, so a stray opener cannot
+	// swallow the rest of a recording.
+	maxControlString = 64 << 10
+)
+
+func (f *controlStringFilter) apply(s string) string {
+	var b strings.Builder
+	b.Grow(len(s))
+	for _, r := range s {
+		switch f.state {
+		case fsNormal:
+			switch r {
+			case 0x1b:
+				f.state = fsEsc
+			case 0x90, 0x98, 0x9d, 0x9e, 0x9f: // DCS, SOS, OSC, PM, APC
+				f.state, f.n = fsString, 0
+			default:
+				b.WriteRune(r)
+			}
+		case fsEsc:
+			switch r {
+			case ']', 'P', 'X', '^', '_':
+				f.state, f.n = fsString, 0
+			case 0x1b:
+				b.WriteRune(0x1b)
+			default:
+				b.WriteRune(0x1b)
+				b.WriteRune(r)
+				f.state = fsNormal
+			}
+		case fsString, fsStringEsc:
+			switch {
+			case r == 0x07 || r == 0x9c || (f.state == fsStringEsc && r == '\\'):
+				f.state = fsNormal
+			case r == 0x1b:
+				f.state = fsStringEsc
+			default:
+				f.state = fsString
+				if f.n += utf8.RuneLen(r); f.n > maxControlString {
+					f.state = fsNormal
+				}
+			}
+		}
+	}
+	return b.String()
 }
