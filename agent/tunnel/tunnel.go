@@ -22,6 +22,7 @@ import (
 	"golang.zx2c4.com/wireguard/tun/netstack"
 
 	"github.com/pinhole-dev/pinhole/internal/wgkey"
+	"github.com/pinhole-dev/pinhole/internal/wglog"
 )
 
 const (
@@ -135,7 +136,7 @@ func New(cfg Config) (*Userspace, error) {
 	if err != nil {
 		return nil, fmt.Errorf("tunnel: creating netstack: %w", err)
 	}
-	dev := device.NewDevice(tdev, conn.NewDefaultBind(), wgLogger(log))
+	dev := device.NewDevice(tdev, conn.NewDefaultBind(), wglog.New(log))
 
 	var b strings.Builder
 	fmt.Fprintf(&b, "private_key=%s\n", cfg.PrivateKey.UAPIHex())
@@ -347,17 +348,4 @@ func (u *Userspace) Close() error {
 	u.dev.Close()
 	u.log.Info("tunnel closed")
 	return nil
-}
-
-// wgLogger adapts wireguard-go's printf-style logger to slog.
-func wgLogger(log *slog.Logger) *device.Logger {
-	logf := func(level slog.Level) func(string, ...any) {
-		return func(format string, args ...any) {
-			if !log.Enabled(context.Background(), level) {
-				return
-			}
-			log.Log(context.Background(), level, fmt.Sprintf(format, args...), "component", "wireguard")
-		}
-	}
-	return &device.Logger{Verbosef: logf(slog.LevelDebug), Errorf: logf(slog.LevelError)}
 }

@@ -39,6 +39,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 
 	"github.com/pinhole-dev/pinhole/internal/wgkey"
+	"github.com/pinhole-dev/pinhole/internal/wglog"
 )
 
 const (
@@ -197,7 +198,7 @@ func New(cfg Config) (*Gateway, error) {
 	}
 	g.tun = newNetTUN(g.link, mtu)
 	g.bind = newWatchBind(conn.NewDefaultBind())
-	g.dev = device.NewDevice(g.tun, g.bind, wgLogger(log))
+	g.dev = device.NewDevice(g.tun, g.bind, wglog.New(log))
 
 	var b strings.Builder
 	fmt.Fprintf(&b, "private_key=%s\nlisten_port=%d\n", cfg.PrivateKey.UAPIHex(), cfg.ListenPort)
@@ -491,19 +492,6 @@ func (g *Gateway) Close() error {
 	g.link.Close()
 	g.log.Info("gateway closed")
 	return nil
-}
-
-// wgLogger adapts wireguard-go's printf-style logger to slog.
-func wgLogger(log *slog.Logger) *device.Logger {
-	logf := func(level slog.Level) func(string, ...any) {
-		return func(format string, args ...any) {
-			if !log.Enabled(context.Background(), level) {
-				return
-			}
-			log.Log(context.Background(), level, fmt.Sprintf(format, args...), "component", "wireguard")
-		}
-	}
-	return &device.Logger{Verbosef: logf(slog.LevelDebug), Errorf: logf(slog.LevelError)}
 }
 
 var _ io.Closer = (*Gateway)(nil)
