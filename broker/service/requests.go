@@ -166,17 +166,21 @@ func WireRequest(r access.Request) wire.Request {
 // GrantView is exactly what an approver's page shows; its Hash is what the
 // WebAuthn challenge commits to.
 type GrantView struct {
-	Request      string    `json:"request"`
-	Approver     string    `json:"approver"`
-	Requester    string    `json:"requester"`
-	Device       string    `json:"device"`
-	Target       string    `json:"target"`
-	Address      string    `json:"address"`
-	Protocol     string    `json:"protocol"`
-	Login        string    `json:"login"`
-	Reason       string    `json:"reason"`
-	Duration     string    `json:"duration"`
-	Posture      []string  `json:"posture"`
+	Request   string   `json:"request"`
+	Approver  string   `json:"approver"`
+	Requester string   `json:"requester"`
+	Device    string   `json:"device"`
+	Target    string   `json:"target"`
+	Address   string   `json:"address"`
+	Protocol  string   `json:"protocol"`
+	Login     string   `json:"login"`
+	Reason    string   `json:"reason"`
+	Duration  string   `json:"duration"`
+	Posture   []string `json:"posture"`
+	// PostureAt is when the shown report was collected. It is displayed but
+	// not committed to: the agent reports every minute, and a fresher report
+	// with the same facts must not void an approval in progress.
+	PostureAt    time.Time `json:"-"`
 	PendingUntil time.Time `json:"pending_until"`
 	State        string    `json:"state"`
 	Approvals    []string  `json:"approvals"`
@@ -217,8 +221,9 @@ func (s *Service) grantView(ctx context.Context, tx store.Tx, token string) (sto
 		v.Posture = []string{
 			"host: " + rep.Hostname, "os: " + rep.OS, "kernel: " + rep.Kernel,
 			fmt.Sprintf("disk encryption: %v", yesNo(rep.DiskEncrypted)), fmt.Sprintf("firewall: %v", yesNo(rep.FirewallActive)),
-			"screen lock: " + rep.ScreenLock, "reported: " + rep.CollectedAt.UTC().Format(time.RFC3339),
+			"screen lock: " + rep.ScreenLock,
 		}
+		v.PostureAt = rep.CollectedAt
 	}
 	return t, r, v, nil
 }

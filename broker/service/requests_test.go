@@ -23,3 +23,17 @@ func TestShortDuration(t *testing.T) {
 		}
 	}
 }
+
+func TestGrantViewHashIgnoresReportTime(t *testing.T) {
+	t.Parallel()
+	v := GrantView{Request: "r-1", Posture: []string{"os: Debian"}, PostureAt: time.Unix(100, 0)}
+	w := v
+	w.PostureAt = time.Unix(160, 0)
+	if v.Hash() != w.Hash() {
+		t.Error("a fresher report with the same facts changed the committed view")
+	}
+	w.Posture = []string{"os: Windows"}
+	if v.Hash() == w.Hash() {
+		t.Error("changed posture facts did not change the committed view")
+	}
+}
