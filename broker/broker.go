@@ -154,6 +154,13 @@ func Open(ctx context.Context, cfg Config) (*Broker, error) {
 	}
 	var witness service.Witness
 	if cfg.AuditWitness != "" {
+		// Fail now rather than log every 10 s: an audit witness that cannot
+		// be written is no witness.
+		f, err := os.OpenFile(cfg.AuditWitness, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+		if err != nil {
+			return nil, fmt.Errorf("audit witness: %w", err)
+		}
+		f.Close()
 		witness = &witnessFile{path: cfg.AuditWitness}
 	}
 	if b.URL, err = publicURL(cfg); err != nil {

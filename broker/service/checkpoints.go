@@ -28,12 +28,22 @@ func (s *Service) Checkpoint(ctx context.Context) (audit.Checkpoint, error) {
 		if err != nil {
 			return err
 		}
-		cp, err = tx.LatestCheckpoint(ctx)
-		if err != nil && !errors.Is(err, store.ErrNotFound) {
+		prev, err := tx.LatestCheckpoint(ctx)
+		switch {
+		case errors.Is(err, store.ErrNotFound):
+		case err != nil:
 			return err
-		}
-		if err == nil && cp.Seq >= head.Seq {
-			return nil
+		default:
+			// Sign only a chain that still extends what was signed before:
+			// never launder a rewritten or truncated log with a fresh signature.
+			if err := s.extendsCheckpoint(ctx, tx, prev); err != nil {
+				s.log.Error("AUDIT LOG TAMPERED: refusing to sign a new checkpoint", "checkpoint_seq", prev.Seq, "err", err)
+				return fmt.Errorf("audit chain does not extend checkpoint %d: %w", prev.Seq, err)
+			}
+			if prev.Seq >= head.Seq {
+				cp = prev
+				return nil
+			}
 		}
 		cp = audit.SignCheckpoint(s.cfg.AuditKey, head, s.now())
 		fresh = true
@@ -42,12 +52,42 @@ func (s *Service) Checkpoint(ctx context.Context) (audit.Checkpoint, error) {
 	if err != nil {
 		return audit.Checkpoint{}, err
 	}
-	if fresh && s.cfg.Witness != nil {
+	_ = fresh
+	// Hand the newest checkpoint to the witness unless it already has it,
+	// so a witness that was unreachable catches up at the next tick.
+	if s.cfg.Witness != nil && cp.Seq > s.witnessed.Load() {
 		if err := s.cfg.Witness.Witness(ctx, cp); err != nil {
 			return cp, fmt.Errorf("handing checkpoint %d to the witness: %w", cp.Seq, err)
 		}
+		s.witnessed.Store(cp.Seq)
 	}
 	return cp, nil
+}
+
+// extendsCheckpoint checks that the stored chain still holds the event prev
+// signed, and that every later event chains onto it.
+func (s *Service) extendsCheckpoint(ctx context.Context, tx store.Tx, prev audit.Checkpoint) error {
+	at, err := tx.AuditEvents(ctx, prev.Seq-1, 1)
+	if err != nil {
+		return err
+	}
+	if len(at) != 1 || at[0].Seq != prev.Seq || at[0].Hash != prev.Hash {
+		return errors.New("the checkpointed event is gone or changed")
+	}
+	last := at[0]
+	for {
+		evs, err := tx.AuditEvents(ctx, last.Seq, 1000)
+		if err != nil {
+			return err
+		}
+		if len(evs) == 0 {
+			return nil
+		}
+		if err := audit.Verify(append([]audit.Event{last}, evs...)); err != nil {
+			return err
+		}
+		last = evs[len(evs)-1]
+	}
 }
 
 // AuditPublicKey is the key that verifies checkpoints (nil without one).

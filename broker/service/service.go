@@ -110,6 +110,8 @@ type Service struct {
 	gw    Gateway
 	cut   SessionCutter
 	flows flowTable
+	// witnessed is the seq of the newest checkpoint the witness took.
+	witnessed atomic.Int64
 	// planeMu orders data-plane changes of a grant (peer in, peer out) so an
 	// activation racing an expiry cannot leave a peer behind.
 	planeMu sync.Mutex

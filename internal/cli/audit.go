@@ -214,11 +214,18 @@ func verifyCheckpoints(e *env, cl *client.Client, events []audit.Event, witness,
 		}
 	}
 	if witness != "" {
-		cp, err := lastWitnessCheckpoint(witness)
+		all, err := readWitness(witness)
 		if err != nil {
 			return err
 		}
-		cps = append(cps, named{"witness", cp})
+		// Every witnessed checkpoint must hold, not just the newest: a
+		// rewritten log re-signed later still contradicts the older ones.
+		for _, cp := range all {
+			cps = append(cps, named{"witness", cp})
+		}
+	}
+	if witness == "" {
+		fmt.Fprintf(e.stderr, "audit: warning: no witness file given (--witness): nothing outside the broker proves that the newest events were not cut off or the chain re-hashed\n")
 	}
 	if len(cps) == 0 {
 		return nil
@@ -227,11 +234,16 @@ func verifyCheckpoints(e *env, cl *client.Client, events []audit.Event, witness,
 	if err != nil {
 		return err
 	}
+	matched := map[string]int{}
+	var newest = map[string]audit.Checkpoint{}
 	for _, c := range cps {
 		err := audit.VerifyCheckpoint(pub, c.cp, events)
 		switch {
 		case err == nil:
-			fmt.Fprintf(e.stdout, "audit: %s checkpoint at seq %d (key %s, %s) matches\n", c.from, c.cp.Seq, c.cp.KeyID, c.cp.Time.UTC().Format("2006-01-02 15:04:05 UTC"))
+			matched[c.from]++
+			if c.cp.Seq >= newest[c.from].Seq {
+				newest[c.from] = c.cp
+			}
 			continue
 		case errors.Is(err, audit.ErrCheckpointMissing):
 			last := int64(0)
@@ -246,6 +258,11 @@ func verifyCheckpoints(e *env, cl *client.Client, events []audit.Event, witness,
 			fmt.Fprintf(e.stdout, "audit: verification FAILED: %s checkpoint at seq %d: %v\n", c.from, c.cp.Seq, err)
 		}
 		return &exitError{code: 1}
+	}
+	for _, from := range []string{"broker", "witness"} {
+		if cp, ok := newest[from]; ok {
+			fmt.Fprintf(e.stdout, "audit: %d %s checkpoint(s) match, newest at seq %d (key %s, %s)\n", matched[from], from, cp.Seq, cp.KeyID, cp.Time.UTC().Format("2006-01-02 15:04:05 UTC"))
+		}
 	}
 	return nil
 }
@@ -272,35 +289,36 @@ func checkpointKey(e *env, cl *client.Client, keyB64 string) (ed25519.PublicKey,
 	return ed25519.PublicKey(b), nil
 }
 
-// lastWitnessCheckpoint reads the newest checkpoint of a witness file.
-func lastWitnessCheckpoint(path string) (audit.Checkpoint, error) {
+// readWitness reads every checkpoint of a witness file.
+func readWitness(path string) ([]audit.Checkpoint, error) {
 	f, err := os.Open(path)
 	if err != nil {
-		return audit.Checkpoint{}, fmt.Errorf("reading witness file: %w", err)
+		return nil, fmt.Errorf("reading witness file: %w", err)
 	}
 	defer f.Close()
-	var last audit.Checkpoint
-	n := 0
+	var out []audit.Checkpoint
 	sc := bufio.NewScanner(f)
 	sc.Buffer(make([]byte, 64<<10), 64<<10)
+	line := 0
 	for sc.Scan() {
+		line++
 		if len(bytes.TrimSpace(sc.Bytes())) == 0 {
 			continue
 		}
 		var cp audit.Checkpoint
 		if err := json.Unmarshal(sc.Bytes(), &cp); err != nil {
-			return audit.Checkpoint{}, fmt.Errorf("witness file line %d: %w", n+1, err)
+			return nil, fmt.Errorf("witness file line %d: %w", line, err)
 		}
-		if cp.Seq >= last.Seq {
-			last = cp
+		if len(out) >= maxAuditEvents {
+			return nil, fmt.Errorf("witness file has more than %d checkpoints", maxAuditEvents)
 		}
-		n++
+		out = append(out, cp)
 	}
 	if err := sc.Err(); err != nil {
-		return audit.Checkpoint{}, fmt.Errorf("reading witness file: %w", err)
+		return nil, fmt.Errorf("reading witness file: %w", err)
 	}
-	if n == 0 {
-		return audit.Checkpoint{}, fmt.Errorf("witness file %s has no checkpoint", path)
+	if len(out) == 0 {
+		return nil, fmt.Errorf("witness file %s has no checkpoint", path)
 	}
-	return last, nil
+	return out, nil
 }

@@ -775,7 +775,7 @@ func TestAuditVerifyCheckpoints(t *testing.T) {
 		wantCode int
 		wantOut  string
 	}{
-		{"ok/matches", &fakeAgent{audit: events, checkpoint: &cp6, auditKey: pub}, nil, 0, "broker checkpoint at seq 6"},
+		{"ok/matches", &fakeAgent{audit: events, checkpoint: &cp6, auditKey: pub}, nil, 0, "1 broker checkpoint(s) match, newest at seq 6"},
 		{"fail/tail-cut", &fakeAgent{audit: events[:5], checkpoint: &cp6, auditKey: pub}, nil, 1, "FAILED at seq 6: the log ends at seq 5 but a signed broker checkpoint covers seq 6: events were dropped"},
 		{"fail/rehashed", &fakeAgent{audit: rewritten, checkpoint: &cp6, auditKey: pub}, nil, 1, "FAILED at seq 6: the event differs from the signed broker checkpoint"},
 		{"fail/witness-sees-cut", &fakeAgent{audit: events[:6], checkpoint: &cp6, auditKey: pub}, []string{"--witness", witness}, 1, "signed witness checkpoint covers seq 7"},
@@ -791,6 +791,22 @@ func TestAuditVerifyCheckpoints(t *testing.T) {
 			}
 		})
 	}
+	// A rewritten log that was re-signed later still contradicts the older
+	// witnessed checkpoint.
+	resigned := filepath.Join(dir, "resigned.jsonl")
+	cpOld := audit.SignCheckpoint(priv, events[5], t0.Add(time.Hour))
+	cpNew := audit.SignCheckpoint(priv, rewritten[6], t0.Add(3*time.Hour))
+	var rl []byte
+	for _, cp := range []audit.Checkpoint{cpOld, cpNew} {
+		b, _ := json.Marshal(cp)
+		rl = append(append(rl, b...), '\n')
+	}
+	os.WriteFile(resigned, rl, 0o600)
+	sock := (&fakeAgent{audit: rewritten, checkpoint: &cpNew, auditKey: pub}).serve(t)
+	if code, out, _ := run(t, "--agent", sock, "audit", "verify", "--witness", resigned); code != 1 || !strings.Contains(out, "FAILED at seq 6") {
+		t.Errorf("re-signed rewrite vs an older witnessed checkpoint: exit %d %q", code, out)
+	}
+
 	// An export checked offline against the witness, with a pinned key.
 	code, out, _ := run(t, "audit", "verify", "--file", export, "--witness", witness, "--audit-key", base64.StdEncoding.EncodeToString(pub))
 	if code != 1 || !strings.Contains(out, "covers seq 7") {

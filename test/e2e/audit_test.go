@@ -147,4 +147,11 @@ func TestAuditCheckpointCatchesTailCut(t *testing.T) {
 	if err := audit.VerifyCheckpoint(pub, cp, cut); !errors.Is(err, audit.ErrCheckpointMissing) {
 		t.Fatalf("checkpoint against a cut log: %v, want ErrCheckpointMissing", err)
 	}
+	// New events on top of the cut log: the broker refuses to sign a head
+	// that no longer extends its last checkpoint, so the cut cannot be
+	// laundered with a fresh signature.
+	e.invite("carol", "approver")
+	if got, err := e.b.Service().Checkpoint(e.ctx); err == nil {
+		t.Fatalf("the broker signed a checkpoint at seq %d over a truncated chain", got.Seq)
+	}
 }
