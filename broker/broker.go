@@ -178,17 +178,15 @@ func Open(ctx context.Context, cfg Config) (*Broker, error) {
 	if b.store, err = sqlstore.Open(ctx, filepath.Join(cfg.DataDir, "pinhole.db"), b.log); err != nil {
 		return nil, err
 	}
-	var notifier service.Notifier
+	// Every grant link lands in the owner-only outbox first, so a webhook
+	// that is down loses nothing; the webhook then delivers it.
+	notifier := notifiers{&outboxFile{path: filepath.Join(cfg.DataDir, "outbox.jsonl")}}
 	if cfg.NotifyWebhook != "" {
 		u, err := url.Parse(cfg.NotifyWebhook)
 		if err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
 			return nil, fmt.Errorf("notify webhook %q: want an http(s)://host/path URL", cfg.NotifyWebhook)
 		}
-		notifier = &webhook{url: cfg.NotifyWebhook, client: &http.Client{Timeout: 5 * time.Second}}
-	} else {
-		outbox := filepath.Join(cfg.DataDir, "outbox.jsonl")
-		notifier = &outboxFile{path: outbox}
-		b.log.Warn("no notify webhook: grant links go only to the outbox file", "path", outbox)
+		notifier = append(notifier, &webhook{url: cfg.NotifyWebhook, client: &http.Client{Timeout: 5 * time.Second}})
 	}
 	b.svc, err = service.New(service.Config{Store: b.store, Policy: b.policy, FIDO: f, UserCA: b.userCA, HostCA: b.hostCA,
 		PublicURL: b.URL, Notifier: notifier, Logger: b.log, Recordings: rec, AuditKey: auditKey, Witness: witness})
@@ -253,6 +251,9 @@ func (b *Broker) start(ctx context.Context) error {
 		return err
 	}
 	b.CAFile = caFile
+	if b.cfg.NotifyWebhook == "" {
+		b.log.Warn("no notify webhook: grant links go only to the outbox file", "path", filepath.Join(b.cfg.DataDir, "outbox.jsonl"))
+	}
 	wgPriv, err := loadOrCreateWGKey(filepath.Join(b.cfg.DataDir, "keys", "wireguard.key"))
 	if err != nil {
 		return err

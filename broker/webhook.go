@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -95,4 +96,18 @@ func (w *witnessFile) Witness(_ context.Context, cp audit.Checkpoint) error {
 		return fmt.Errorf("syncing witness file: %w", err)
 	}
 	return f.Close()
+}
+
+// notifiers delivers a notice through each notifier in turn; every one is
+// tried, and the errors are joined.
+type notifiers []service.Notifier
+
+func (ns notifiers) NotifyApprover(ctx context.Context, n service.ApprovalNotice) error {
+	var errs []error
+	for _, x := range ns {
+		if err := x.NotifyApprover(ctx, n); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
 }

@@ -133,6 +133,10 @@ func (s *Service) notify(ctx context.Context, n ApprovalNotice) {
 	if s.cfg.Notifier == nil {
 		return
 	}
+	// The request is stored: delivering its links must not depend on the
+	// requester's connection staying open.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 15*time.Second)
+	defer cancel()
 	if err := s.cfg.Notifier.NotifyApprover(ctx, n); err != nil {
 		s.log.Error("notifying approver failed", "request", n.Request, "approver", n.Approver, "err", err)
 	}
