@@ -37,6 +37,7 @@ import (
 	"sort"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/pinhole-dev/pinhole/agent/localapi"
@@ -232,8 +233,14 @@ func (a *Agent) Run(ctx context.Context) error {
 	if !a.running.CompareAndSwap(false, true) {
 		return errors.New("agent: Run called twice")
 	}
-	// Take the socket first: it fails while another agent serves this
-	// state dir, and that agent's grant files must then stay.
+	// Lock the state dir itself (a socket or lock file could be deleted),
+	// then take the socket: while another agent serves this state dir,
+	// its grant files must stay.
+	lock, err := lockDir(a.cfg.StateDir)
+	if err != nil {
+		return fmt.Errorf("agent: %w", err)
+	}
+	defer lock.Close()
 	sock := SocketPath(a.cfg.StateDir)
 	ln, err := localapi.ListenUnix(sock)
 	if err != nil {
@@ -486,4 +493,21 @@ func (a *Agent) recordEndedLocked(id, state, reason string) {
 	}
 	a.ended[id] = endedGrant{state: state, reason: reason}
 	a.notifyLocked()
+}
+
+// lockDir takes an exclusive, non-blocking flock on dir, held until the
+// returned file is closed.
+func lockDir(dir string) (*os.File, error) {
+	f, err := os.Open(dir)
+	if err != nil {
+		return nil, fmt.Errorf("opening state dir for locking: %w", err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		f.Close()
+		if errors.Is(err, syscall.EWOULDBLOCK) {
+			return nil, fmt.Errorf("state dir %s is in use by another pinhole-agent", dir)
+		}
+		return nil, fmt.Errorf("locking state dir: %w", err)
+	}
+	return f, nil
 }

@@ -80,7 +80,7 @@ type Broker struct {
 	hostCA   ssh.Signer
 	hostKey  ssh.Signer
 	hostCert *hostCerts
-	lock     *os.File // flock on DataDir/broker.lock, held until Close
+	lock     *os.File // flock on DataDir itself, held until Close
 	// CAFile is the PEM of the broker's TLS certificate (agents trust it).
 	CAFile string
 	// URL is the public URL.
@@ -322,6 +322,9 @@ func (b *Broker) Gateway() *gateway.Gateway { return b.gw }
 func (b *Broker) Run(ctx context.Context) error {
 	defer b.Close()
 	g, gctx := errgroup.WithContext(ctx)
+	// Requests run under gctx, so shutdown ends long-polls at once instead
+	// of waiting them out.
+	b.srv.BaseContext = func(net.Listener) context.Context { return gctx }
 	g.Go(func() error {
 		if err := b.srv.ServeTLS(b.ln, "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			return fmt.Errorf("https: %w", err)
@@ -365,9 +368,10 @@ func (b *Broker) Close() error {
 // never share one store: each would hold its own peers and flows, and a
 // revocation on one would not cut the other's.
 func lockDataDir(dir string) (*os.File, error) {
-	f, err := os.OpenFile(filepath.Join(dir, "broker.lock"), os.O_RDWR|os.O_CREATE, 0o600)
+	// The lock is on the directory itself: a lock file could be deleted.
+	f, err := os.Open(dir)
 	if err != nil {
-		return nil, fmt.Errorf("opening data dir lock: %w", err)
+		return nil, fmt.Errorf("opening data dir for locking: %w", err)
 	}
 	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
 		f.Close()

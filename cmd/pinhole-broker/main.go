@@ -28,6 +28,8 @@ func main() {
 const usage = `usage:
   pinhole-broker serve --data DIR --config FILE [flags]
   pinhole-broker bootstrap --data DIR --config FILE --admin NAME [flags]
+
+Run "pinhole-broker serve -h" or "pinhole-broker bootstrap -h" for the flags.
 `
 
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
@@ -62,6 +64,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
 		return 2
 	}
 	if fs.NArg() > 0 {
