@@ -59,6 +59,8 @@ func TestNewRequest(t *testing.T) {
 		{"long reason", func(p *NewRequestParams) { p.Reason = strings.Repeat("r", 501) }, "reason is 501 bytes"},
 		{"reason with escape", func(p *NewRequestParams) { p.Reason = "ok\x1b[2J" }, "control characters"},
 		{"reason with a bidi override", func(p *NewRequestParams) { p.Reason = "INC-1 \u202egnp.exe" }, "invisible formatting"},
+		{"reason with a hangul filler", func(p *NewRequestParams) { p.Reason = "INC-1 \u3164" }, "invisible formatting"},
+		{"reason with a line separator", func(p *NewRequestParams) { p.Reason = "INC-1\u2028rm" }, "invisible formatting"},
 		{"reason bad utf8", func(p *NewRequestParams) { p.Reason = "ok\xc3" }, "not valid UTF-8"},
 		{"zero ttl", func(p *NewRequestParams) { p.TTL = 0 }, "ttl must be positive"},
 		{"negative ttl", func(p *NewRequestParams) { p.TTL = -time.Minute }, "ttl must be positive"},
