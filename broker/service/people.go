@@ -32,10 +32,42 @@ func (s *Service) Bootstrap(ctx context.Context, name string) (wire.Invite, erro
 	}); err != nil {
 		return wire.Invite{}, err
 	}
+	if len(admins) == 1 && admins[0].Name == name {
+		return s.reinviteUnregistered(ctx, name)
+	}
 	if len(admins) > 0 {
 		return wire.Invite{}, errorf(KindConflict, "an admin already exists (%s); admins invite people with: pinhole admin user add NAME --role ROLE", admins[0].Name)
 	}
 	return s.invite(ctx, "bootstrap", name, RoleAdmin)
+}
+
+// reinviteUnregistered issues a new invite to the first admin when their
+// first one was lost before they registered a key; once they have a key,
+// bootstrap is closed for good.
+func (s *Service) reinviteUnregistered(ctx context.Context, name string) (wire.Invite, error) {
+	token, hash, err := s.secret()
+	if err != nil {
+		return wire.Invite{}, err
+	}
+	now := s.now()
+	exp := now.Add(s.cfg.InviteTTL)
+	err = s.cfg.Store.Update(ctx, func(tx store.Tx) error {
+		creds, err := tx.Credentials(ctx, name)
+		if err != nil {
+			return err
+		}
+		if len(creds) > 0 {
+			return errorf(KindConflict, "admin %s already registered a security key; admins invite people with: pinhole admin user add NAME --role ROLE", name)
+		}
+		if err := tx.PutToken(ctx, store.Token{Hash: hash, Kind: store.TokenInvite, User: name, CreatedAt: now, ExpiresAt: exp}); err != nil {
+			return err
+		}
+		return s.record(ctx, tx, audit.Event{Type: audit.TypeUserInvited, Actor: "bootstrap", Details: map[string]string{"user": name, "role": RoleAdmin, "reissued": "true"}})
+	})
+	if err != nil {
+		return wire.Invite{}, err
+	}
+	return wire.Invite{User: name, URL: s.link("invite", token), ExpiresAt: exp}, nil
 }
 
 // InviteUser lets an admin create a user with a role and an invite link.
