@@ -96,6 +96,17 @@ func (s *Service) Activate(ctx context.Context, d store.Device, u store.User, id
 	if wgPub == gw.PublicKey() {
 		return wire.Activation{}, errorf(KindBadInput, "wireguard_public_key is the gateway's own key; make a fresh key for the grant")
 	}
+	// One activation at a time, from the key check to the peer going in, so
+	// two activations racing with one key cannot both pass the check.
+	s.activateMu.Lock()
+	locked := true
+	unlock := func() {
+		if locked {
+			locked = false
+			s.activateMu.Unlock()
+		}
+	}
+	defer unlock()
 	if other, ok := s.flows.byKey(wgPub); ok && other.Request != id {
 		return wire.Activation{}, errorf(KindBadInput, "wireguard_public_key is already in use by another grant; make a fresh key for each grant")
 	}
@@ -179,6 +190,7 @@ func (s *Service) Activate(ctx context.Context, d store.Device, u store.User, id
 	s.flows.put(live)
 	err = gw.AddPeer(wgPub, live.TunnelAddr)
 	s.planeMu.Unlock()
+	unlock()
 	if err != nil {
 		s.log.Error("adding peer failed; revoking grant", "request", id, "err", err)
 		s.endGrant(context.WithoutCancel(ctx), id, "gateway error", "broker", true)

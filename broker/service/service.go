@@ -112,6 +112,8 @@ type Service struct {
 	flows flowTable
 	// witnessed is the seq of the newest checkpoint the witness took.
 	witnessed atomic.Int64
+	// activateMu serializes activations (key checks against live grants).
+	activateMu sync.Mutex
 	// planeMu orders data-plane changes of a grant (peer in, peer out) so an
 	// activation racing an expiry cannot leave a peer behind.
 	planeMu sync.Mutex
