@@ -44,7 +44,6 @@ func TestDecodeBody(t *testing.T) {
 		contentType string
 		want        wire.CreateRequest
 		wantErr     string // substring of the error; empty means success
-		bug         string // non-empty: a known bug in DecodeBody, skipped until fixed
 	}{
 		{name: "ok/plain", body: valid, contentType: "application/json", want: want},
 		{name: "ok/charset", body: valid, contentType: "application/json; charset=utf-8", want: want},
@@ -72,9 +71,6 @@ func TestDecodeBody(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
-			if tc.bug != "" {
-				t.Skip("known bug in DecodeBody: " + tc.bug)
-			}
 			got, err := decode(tc.body, tc.contentType)
 			if tc.wantErr == "" {
 				if err != nil {
