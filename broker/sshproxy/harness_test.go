@@ -180,6 +180,7 @@ type envOptions struct {
 	checkGrant    func(ctx context.Context, grantID string) error
 	openRecording func(ctx context.Context, s sshproxy.SessionInfo) (sshproxy.Recording, error)
 	target        func(*env, *sshproxy.Target)
+	sftp          bool // Config.UnrecordedSFTP
 }
 
 func mustSigner(t *testing.T) (ssh.Signer, ed25519.PrivateKey) {
@@ -278,6 +279,7 @@ func newEnv(t *testing.T, o envOptions) *env {
 		UpstreamSigner: e.upstreamSigner,
 		OpenRecording:  e.recs.open,
 		Event:          e.events.add,
+		UnrecordedSFTP: o.sftp,
 	}
 	if o.checkGrant != nil {
 		cfg.CheckGrant = o.checkGrant

@@ -109,7 +109,7 @@ func fuzzSession(permitPTY bool) *session {
 	if permitPTY {
 		cert.Extensions[sshca.ExtensionPermitPTY] = ""
 	}
-	c := &conn{cert: cert, log: slog.New(slog.DiscardHandler)}
+	c := &conn{cert: cert, log: slog.New(slog.DiscardHandler), p: &Proxy{cfg: Config{UnrecordedSFTP: true}}}
 	ctx, cancel := context.WithCancel(context.Background())
 	return &session{
 		c: c, ctx: ctx, cancel: cancel, log: c.log,

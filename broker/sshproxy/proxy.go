@@ -155,6 +155,11 @@ type Config struct {
 	Clock func() time.Time
 	// Logger receives operational logs; nil discards them.
 	Logger *slog.Logger
+	// UnrecordedSFTP lets the sftp subsystem through. Its bytes are relayed
+	// but no recording is made (only session.started and session.ended
+	// are audited), so this is a fail-open choice: false, the default,
+	// refuses every subsystem.
+	UnrecordedSFTP bool
 	// CheckGrant returns nil while the grant is active. It is called at
 	// authentication and at the start of every session. Required.
 	CheckGrant func(ctx context.Context, grantID string) error
