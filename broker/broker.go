@@ -443,7 +443,7 @@ func (b *Broker) decide(ctx context.Context, f gateway.Flow) (gateway.Handler, e
 		t := sshproxy.Target{GrantID: g.Request, Requester: g.User, Name: tg.Name, Login: tg.Login, Source: f.Src.Addr(),
 			HostSigner: signer, Dial: dial, UpstreamHostKey: tg.HostKey, Ends: g.Ends}
 		return func(ctx context.Context, conn net.Conn) { b.proxy.HandleConn(ctx, conn, t) }, nil
-	default:
+	case policy.ProtocolTCP:
 		// TCP targets are spliced; a TCP stream recorder comes with a later issue.
 		return func(ctx context.Context, conn net.Conn) {
 			up, err := dial(ctx)
@@ -454,6 +454,8 @@ func (b *Broker) decide(ctx context.Context, f gateway.Flow) (gateway.Handler, e
 			}
 			gateway.Splice(ctx, conn, up)
 		}, nil
+	default:
+		return nil, fmt.Errorf("target %s: protocol %q has no handler", tg.Name, tg.Protocol)
 	}
 }
 

@@ -18,15 +18,16 @@ import (
 //
 // Checks: names are 1-63 of [A-Za-z0-9._-] starting with a letter or digit
 // and unique within their kind; a target's address is host:port with a
-// valid IP literal or DNS name and a port 1-65535; its protocol is known;
+// valid IP literal or DNS name and a port 1-65535; its protocol is ssh or tcp;
 // ssh targets have a login and a host_key in authorized_keys format, other
 // targets have neither; rules name at least one existing role, target and
 // approver role; max_ttl is positive and at most MaxTTL; approvals are 1 to
 // MaxApprovals; pending_for and posture max_age are positive and at most a
 // day.
 //
-// Tunnel addresses: a target without TunnelIP gets the IP of its address
-// when that is an IP literal that is not loopback or unspecified and no
+// Tunnel addresses are IPv4 (the tunnels carry IPv4 only; a target's own
+// address may be IPv6). A target without TunnelIP gets the IP of its address
+// when that is an IPv4 literal that is not loopback or unspecified and no
 // earlier target already uses it (two targets on one host get distinct
 // tunnel addresses). Otherwise it gets the address at offset index+1 in
 // TunnelPrefix (100.127.0.0/16), where index is the target's position in
@@ -75,9 +76,13 @@ func (c *Config) normalizeTargets() error {
 		}
 		switch {
 		case t.Protocol == "":
-			return fail("protocol", "is required (ssh, tcp or postgres)")
+			return fail("protocol", "is required (ssh or tcp)")
+		case t.Protocol == "postgres":
+			// Refused rather than spliced: a postgres target promises the
+			// statement recorder, which this version does not have yet.
+			return fail("protocol", "postgres targets need the PostgreSQL statement recorder, which this version does not have; use tcp to splice the bytes unrecorded")
 		case !t.Protocol.Valid():
-			return fail("protocol", "unknown protocol %q, want ssh, tcp or postgres", t.Protocol)
+			return fail("protocol", "unknown protocol %q, want ssh or tcp", t.Protocol)
 		}
 		if t.Protocol == ProtocolSSH {
 			if t.Login == "" {
@@ -102,7 +107,10 @@ func (c *Config) normalizeTargets() error {
 		}
 		if t.TunnelIP.IsValid() {
 			t.TunnelIP = t.TunnelIP.Unmap()
-			if t.TunnelIP.Zone() != "" || !usableTunnelIP(t.TunnelIP) {
+			if !t.TunnelIP.Is4() {
+				return fail("tunnel_ip", "%s is not an IPv4 address (tunnels carry IPv4 only)", t.TunnelIP)
+			}
+			if !usableTunnelIP(t.TunnelIP) {
 				return fail("tunnel_ip", "%s cannot be a tunnel address", t.TunnelIP)
 			}
 		}
@@ -134,7 +142,7 @@ func (c *Config) assignTunnelIPs() error {
 		}
 		if a, err := netip.ParseAddr(t.Host()); err == nil {
 			a = a.Unmap()
-			if _, taken := used[a]; !taken && a.Zone() == "" && usableTunnelIP(a) {
+			if _, taken := used[a]; !taken && a.Is4() && usableTunnelIP(a) {
 				t.TunnelIP = a
 				used[a] = i
 				continue

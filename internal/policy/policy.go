@@ -23,17 +23,15 @@ type Protocol string
 const (
 	// ProtocolSSH targets go through the recording SSH proxy.
 	ProtocolSSH Protocol = "ssh"
-	// ProtocolTCP targets go through the TCP stream recorder.
+	// ProtocolTCP targets are spliced byte for byte; their flows are
+	// authorized and audited, the bytes are not recorded yet.
 	ProtocolTCP Protocol = "tcp"
-	// ProtocolPostgres targets go through the PostgreSQL statement
-	// recorder.
-	ProtocolPostgres Protocol = "postgres"
 )
 
 // Valid reports whether p is a known protocol.
 func (p Protocol) Valid() bool {
 	switch p {
-	case ProtocolSSH, ProtocolTCP, ProtocolPostgres:
+	case ProtocolSSH, ProtocolTCP:
 		return true
 	}
 	return false
@@ -90,8 +88,8 @@ type Target struct {
 	// host key, or of its host CA prefixed "@cert-authority "; required
 	// for ssh targets and empty for others.
 	HostKey string
-	// TunnelIP is the address agents dial inside the tunnel (with the
-	// port of Address). Zero means Normalize assigns one.
+	// TunnelIP is the IPv4 address agents dial inside the tunnel (with
+	// the port of Address). Zero means Normalize assigns one.
 	TunnelIP netip.Addr
 	// Line is the line of the target in the config file (0 if unknown).
 	Line int

@@ -23,7 +23,7 @@ func goodConfig() *Config {
 	return &Config{
 		Targets: []Target{
 			{Name: "db-prod", Address: "10.0.4.12:22", Protocol: ProtocolSSH, Login: "postgres", HostKey: edKey, Line: 2},
-			{Name: "db-prod-pg", Address: "10.0.4.12:5432", Protocol: ProtocolPostgres, Line: 8},
+			{Name: "db-prod-pg", Address: "10.0.4.12:5432", Protocol: ProtocolTCP, Line: 8},
 			{Name: "web", Address: "web.internal.example:443", Protocol: ProtocolTCP, Line: 11},
 			{Name: "local", Address: "127.0.0.1:2222", Protocol: ProtocolSSH, Login: "root", HostKey: caKey, Line: 14},
 			{Name: "v6", Address: "[2001:db8::7]:22", Protocol: ProtocolTCP, Line: 18},
@@ -48,7 +48,7 @@ func TestNormalizeGood(t *testing.T) {
 		t.Fatalf("Normalize = %v", err)
 	}
 	want := goodConfig()
-	ips := []string{"10.0.4.12", "100.127.0.2", "100.127.0.3", "100.127.0.4", "2001:db8::7", "100.127.9.9"}
+	ips := []string{"10.0.4.12", "100.127.0.2", "100.127.0.3", "100.127.0.4", "100.127.0.5", "100.127.9.9"}
 	for i, ip := range ips {
 		want.Targets[i].TunnelIP = netip.MustParseAddr(ip)
 	}
@@ -121,6 +121,8 @@ func TestNormalizeBad(t *testing.T) {
 		{"target/host label dash", func(c *Config) { c.Targets[0].Address = "-db.example:22" }, 2, "targets[0].address", "not a valid host name"},
 		{"target/no protocol", func(c *Config) { c.Targets[1].Protocol = "" }, 8, "targets[1].protocol", "is required"},
 		{"target/unknown protocol", func(c *Config) { c.Targets[1].Protocol = "udp" }, 8, "targets[1].protocol", `unknown protocol "udp"`},
+		{"target/postgres not yet", func(c *Config) { c.Targets[1].Protocol = "postgres" }, 8, "targets[1].protocol", "need the PostgreSQL statement recorder"},
+		{"target/v6 tunnel ip", func(c *Config) { c.Targets[5].TunnelIP = netip.MustParseAddr("2001:db8::9") }, 20, "targets[5].tunnel_ip", "not an IPv4 address"},
 		{"target/ssh without login", func(c *Config) { c.Targets[0].Login = "" }, 2, "targets[0].login", "required for ssh"},
 		{"target/ssh bad login", func(c *Config) { c.Targets[0].Login = "root;rm" }, 2, "targets[0].login", "not a valid account name"},
 		{"target/ssh without host key", func(c *Config) { c.Targets[0].HostKey = "" }, 2, "targets[0].host_key", "required for ssh"},

@@ -7,7 +7,7 @@
 //	targets:                      # what can be reached
 //	  - name: db-prod             # required; letters, digits, - _ .
 //	    address: 10.0.4.12:22     # required; host:port, IPv6 as [2001:db8::1]:22
-//	    protocol: ssh             # required; ssh, tcp or postgres
+//	    protocol: ssh             # required; ssh or tcp
 //	    login: postgres           # ssh only, required: the account on the target
 //	    host_key: "ssh-ed25519 AAAA..."   # ssh only, required: the target's host
 //	                              # key, or "@cert-authority ssh-ed25519 AAAA..."

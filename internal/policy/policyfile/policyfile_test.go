@@ -72,7 +72,7 @@ roles:
   - approver          # plain string form mixed in
   - {name: lead}
 targets:
-  - {name: v6, address: "[2001:db8::7]:5432", protocol: postgres, tunnel_ip: 100.127.5.5}
+  - {name: v6, address: "[2001:db8::7]:5432", protocol: tcp, tunnel_ip: 100.127.5.5}
 rules:
   - name: r
     roles:
@@ -88,7 +88,7 @@ rules:
 		t.Fatal(err)
 	}
 	want := &policy.Config{
-		Targets: []policy.Target{{Name: "v6", Address: "[2001:db8::7]:5432", Protocol: policy.ProtocolPostgres,
+		Targets: []policy.Target{{Name: "v6", Address: "[2001:db8::7]:5432", Protocol: policy.ProtocolTCP,
 			TunnelIP: netip.MustParseAddr("100.127.5.5"), Line: 7}},
 		Roles: []policy.Role{{Name: "dba", Line: 3}, {Name: "approver", Line: 4}, {Name: "lead", Line: 5}},
 		Rules: []policy.Rule{{Name: "r", Roles: []string{"dba"}, Targets: []string{"v6"}, MaxTTL: 90 * time.Minute, Approvals: 1,
@@ -182,7 +182,7 @@ func TestParseBad(t *testing.T) {
 		{"target/duplicate key", "    protocol: tcp\n", "    protocol: tcp\n    protocol: ssh\n",
 			`cfg.yaml:10: targets[1].protocol: key "protocol" appears twice`},
 		{"target/protocol", "protocol: tcp", "protocol: udp",
-			`cfg.yaml:9: targets[1].protocol: unknown protocol "udp", want ssh, tcp or postgres`},
+			`cfg.yaml:9: targets[1].protocol: unknown protocol "udp", want ssh or tcp`},
 		{"target/ssh without host key", `    host_key: "` + edKey + `"` + "\n", "",
 			"cfg.yaml:2: targets[0].host_key: is required for ssh targets..."},
 		{"target/bad host key", edKey, "ssh-ed25519 AAAA",
