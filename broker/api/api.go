@@ -13,7 +13,9 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net/http"
+	"net/url"
 	"strconv"
 	"strings"
 	"time"
@@ -262,12 +264,9 @@ func (s *Server) getDevice(w http.ResponseWriter, _ *http.Request, c caller) {
 
 func (s *Server) events(w http.ResponseWriter, r *http.Request, c caller) {
 	q := r.URL.Query()
-	after, err := strconv.ParseInt(q.Get("after"), 10, 64)
-	if q.Get("after") == "" {
-		after, err = 0, nil
-	}
-	if err != nil || after < 0 {
-		writeError(w, http.StatusBadRequest, "bad_request", "after: want a non-negative integer")
+	after, err := queryInt(q, "after", 0, math.MaxInt64)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, "bad_request", err.Error())
 		return
 	}
 	wait := 25 * time.Second
@@ -373,12 +372,41 @@ func (s *Server) inviteUser(w http.ResponseWriter, r *http.Request, c caller) {
 	writeJSON(w, http.StatusCreated, out)
 }
 
+// maxAuditPage is the most audit events one page holds.
+const maxAuditPage = 1000
+
+// queryInt parses the optional integer query parameter name: 0 when absent,
+// else a value in [lo, hi] or an error naming the parameter.
+func queryInt(q url.Values, name string, lo, hi int64) (int64, error) {
+	v := q.Get(name)
+	if v == "" {
+		return 0, nil
+	}
+	n, err := strconv.ParseInt(v, 10, 64)
+	if err == nil && n >= lo && n <= hi {
+		return n, nil
+	}
+	if hi == math.MaxInt64 {
+		return 0, fmt.Errorf("%s: want an integer of at least %d", name, lo)
+	}
+	return 0, fmt.Errorf("%s: want an integer from %d to %d", name, lo, hi)
+}
+
 func (s *Server) auditEvents(w http.ResponseWriter, r *http.Request, c caller) {
+	var limit int
 	q := r.URL.Query()
-	after, _ := strconv.ParseInt(q.Get("after"), 10, 64)
-	limit, _ := strconv.Atoi(q.Get("limit"))
-	if limit <= 0 || limit > 1000 {
-		limit = 1000
+	after, err := queryInt(q, "after", 0, math.MaxInt64)
+	if err == nil {
+		var l int64
+		l, err = queryInt(q, "limit", 1, maxAuditPage)
+		limit = int(l)
+	}
+	if err != nil {
+		writeError(w, http.StatusBadRequest, "bad_request", err.Error())
+		return
+	}
+	if limit == 0 {
+		limit = maxAuditPage
 	}
 	evs, err := s.svc.AuditEvents(r.Context(), c.user, after, limit+1)
 	if err != nil {

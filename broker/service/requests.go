@@ -26,9 +26,12 @@ func (s *Service) CreateRequest(ctx context.Context, d store.Device, u store.Use
 	if d.State != store.DeviceActive {
 		return wire.Request{}, errorf(KindForbidden, "device is %s; confirm it first", d.State)
 	}
+	if err := policy.CheckName(in.Target); err != nil {
+		return wire.Request{}, errorf(KindBadInput, "target: %v", err)
+	}
 	ttl, err := time.ParseDuration(in.TTL)
 	if err != nil || ttl <= 0 {
-		return wire.Request{}, errorf(KindBadInput, "ttl %q: want a positive duration such as 45m", in.TTL)
+		return wire.Request{}, errorf(KindBadInput, "ttl %.40q: want a positive duration such as 45m", in.TTL)
 	}
 	if len(in.Reason) > maxReasonBytes {
 		return wire.Request{}, errorf(KindBadInput, "reason is %d bytes; at most %d", len(in.Reason), maxReasonBytes)

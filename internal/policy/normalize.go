@@ -3,6 +3,7 @@ package policy
 import (
 	"encoding/base64"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"net/netip"
 	"strings"
@@ -266,6 +267,15 @@ func (c *Config) checkRefs(list []string, field, kind string, exists func(string
 			return fail(item, "%s %q is listed twice", kind, name)
 		}
 		seen[name] = true
+	}
+	return nil
+}
+
+// CheckName returns an error when s cannot be a target, role or rule name,
+// so callers can refuse such a name before looking it up.
+func CheckName(s string) error {
+	if msg := checkName(s); msg != "" {
+		return errors.New(msg)
 	}
 	return nil
 }

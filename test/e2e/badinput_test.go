@@ -48,6 +48,8 @@ func TestBadAPIBodiesChangeNothing(t *testing.T) {
 		{"bad/trailing", wire.PathRequests, `{"target":"db-prod","ttl":"5m","reason":"x"} {}`, 400, "after the JSON object"},
 		{"bad/oversized", wire.PathRequests, `{"target":"db-prod","ttl":"5m","reason":"` + strings.Repeat("a", wire.MaxBodyBytes) + `"}`, 400, "larger than"},
 		{"bad/ttl", wire.PathRequests, `{"target":"db-prod","ttl":"forever","reason":"x"}`, 400, `ttl "forever"`},
+		{"bad/target-name", wire.PathRequests, `{"target":"` + strings.Repeat("x", 5000) + `","ttl":"5m","reason":"x"}`, 400, "target: name"},
+		{"bad/target-chars", wire.PathRequests, `{"target":"db-prod\n","ttl":"5m","reason":"x"}`, 400, "must be letters, digits"},
 		{"bad/long-reason", wire.PathRequests, `{"target":"db-prod","ttl":"5m","reason":"` + strings.Repeat("r", 600) + `"}`, 400, "reason is 600 bytes"},
 		{"bad/posture-garbage", wire.PathPosture, `{"report":"AAAA","signature":"AAAA"}`, 400, "posture report refused"},
 		{"bad/activate-key", "/v1/grants/r-0000000000000000/activate", `{"wireguard_public_key":"nope","ssh_public_key":""}`, 400, "wireguard_public_key"},
