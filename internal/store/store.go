@@ -78,6 +78,10 @@ type Ceremony struct {
 	ExpiresAt time.Time
 }
 
+// MaxNoncesPerDevice bounds the unused posture nonces kept per device, so a
+// device asking for nonces it never uses cannot grow the store.
+const MaxNoncesPerDevice = 8
+
 // Device states.
 const (
 	DevicePending  = "pending"
@@ -145,6 +149,9 @@ type Tx interface {
 	Device(ctx context.Context, id string) (Device, error)
 	DeviceByKey(ctx context.Context, pub []byte) (Device, error)
 
+	// PutNonce stores a posture nonce for device. A device keeps at most
+	// MaxNoncesPerDevice unused nonces: storing one more drops those that
+	// expire first.
 	PutNonce(ctx context.Context, device, nonce string, expires time.Time) error
 	// TakeNonce consumes an unexpired nonce of device; ErrNotFound otherwise.
 	TakeNonce(ctx context.Context, device, nonce string, now time.Time) error

@@ -224,7 +224,11 @@ func (t *txn) DeviceByKey(ctx context.Context, pub []byte) (store.Device, error)
 }
 
 func (t *txn) PutNonce(ctx context.Context, device, nonce string, expires time.Time) error {
-	return t.exec(ctx, "storing nonce", `INSERT INTO nonces(device, nonce, expires_at) VALUES (?, ?, ?)`, device, nonce, ts(expires))
+	if err := t.exec(ctx, "storing nonce", `INSERT INTO nonces(device, nonce, expires_at) VALUES (?, ?, ?)`, device, nonce, ts(expires)); err != nil {
+		return err
+	}
+	return t.exec(ctx, "bounding nonces", `DELETE FROM nonces WHERE device = ? AND nonce NOT IN
+		(SELECT nonce FROM nonces WHERE device = ? ORDER BY expires_at DESC LIMIT ?)`, device, device, store.MaxNoncesPerDevice)
 }
 
 func (t *txn) TakeNonce(ctx context.Context, device, nonce string, now time.Time) error {

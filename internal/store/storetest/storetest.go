@@ -375,6 +375,27 @@ func testNonces(t *testing.T, s store.Store) {
 		}
 		wantIs(t, tc.name+": TakeNonce", err, tc.want)
 	}
+
+	// A device that keeps asking keeps only the newest MaxNoncesPerDevice.
+	extra := 2
+	update(t, s, func(ctx context.Context, tx store.Tx) error {
+		for i := range store.MaxNoncesPerDevice + extra {
+			if err := tx.PutNonce(ctx, "dev-3", fmt.Sprintf("b%d", i), exp.Add(time.Duration(i)*time.Second)); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	for i := range store.MaxNoncesPerDevice + extra {
+		err := updateErr(t, s, func(ctx context.Context, tx store.Tx) error {
+			return tx.TakeNonce(ctx, "dev-3", fmt.Sprintf("b%d", i), T0)
+		})
+		if i < extra {
+			wantIs(t, fmt.Sprintf("bounded: TakeNonce(b%d), dropped", i), err, store.ErrNotFound)
+		} else if err != nil {
+			t.Errorf("bounded: TakeNonce(b%d), kept: %v", i, err)
+		}
+	}
 }
 
 func testPosture(t *testing.T, s store.Store) {
