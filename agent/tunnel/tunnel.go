@@ -19,7 +19,6 @@ import (
 
 	"golang.zx2c4.com/wireguard/conn"
 	"golang.zx2c4.com/wireguard/device"
-	"golang.zx2c4.com/wireguard/tun/netstack"
 
 	"github.com/pinhole-dev/pinhole/internal/wgkey"
 	"github.com/pinhole-dev/pinhole/internal/wglog"
@@ -41,6 +40,8 @@ const (
 	// Accept on a local listener.
 	minAcceptBackoff = 5 * time.Millisecond
 	maxAcceptBackoff = time.Second
+	// drainPoll is how often Drain looks whether connections are left.
+	drainPoll = 10 * time.Millisecond
 )
 
 // ErrClosed is returned by methods called after Close.
@@ -104,7 +105,7 @@ type Userspace struct {
 	log    *slog.Logger
 	target netip.Prefix
 	dev    *device.Device
-	net    *netstack.Net
+	ns     *netStack
 
 	// lifetime is the parent of every dial Listen makes; Close cancels it.
 	lifetime context.Context
@@ -132,11 +133,11 @@ func New(cfg Config) (*Userspace, error) {
 		mtu = DefaultMTU
 	}
 	addr := cfg.Address.Unmap()
-	tdev, tnet, err := netstack.CreateNetTUN([]netip.Addr{addr}, nil, mtu)
+	ns, err := newNetStack(addr, mtu)
 	if err != nil {
-		return nil, fmt.Errorf("tunnel: creating netstack: %w", err)
+		return nil, err
 	}
-	dev := device.NewDevice(tdev, conn.NewDefaultBind(), wglog.New(log))
+	dev := device.NewDevice(ns.dev, conn.NewDefaultBind(), wglog.New(log))
 
 	var b strings.Builder
 	fmt.Fprintf(&b, "private_key=%s\n", cfg.PrivateKey.UAPIHex())
@@ -146,17 +147,19 @@ func New(cfg Config) (*Userspace, error) {
 	fmt.Fprintf(&b, "replace_allowed_ips=true\nallowed_ip=%s\n", cfg.AllowedIP.Masked())
 	if err := dev.IpcSet(b.String()); err != nil {
 		dev.Close()
+		ns.close()
 		return nil, fmt.Errorf("tunnel: configuring device: %w", err)
 	}
 	if err := dev.Up(); err != nil {
 		dev.Close()
+		ns.close()
 		return nil, fmt.Errorf("tunnel: bringing device up: %w", err)
 	}
 	u := &Userspace{
 		log:       log,
 		target:    cfg.AllowedIP.Masked(),
 		dev:       dev,
-		net:       tnet,
+		ns:        ns,
 		listeners: make(map[net.Listener]struct{}),
 		conns:     make(map[net.Conn]struct{}),
 	}
@@ -177,7 +180,7 @@ func (u *Userspace) DialContext(ctx context.Context, dst netip.AddrPort) (net.Co
 	if closed {
 		return nil, ErrClosed
 	}
-	c, err := u.net.DialContextTCPAddrPort(ctx, netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port()))
+	c, err := u.ns.dial(ctx, netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port()))
 	if err != nil {
 		return nil, fmt.Errorf("tunnel: dialing %v: %w", dst, err)
 	}
@@ -317,6 +320,36 @@ func (u *Userspace) untrack(c net.Conn) {
 	delete(u.conns, c)
 }
 
+// Drain stops accepting local connections and waits until every forwarded
+// connection has ended by itself or ctx is done. It reports whether none is
+// left. The tunnel still carries what remains; Close ends it.
+func (u *Userspace) Drain(ctx context.Context) bool {
+	u.mu.Lock()
+	lns := make([]net.Listener, 0, len(u.listeners))
+	for ln := range u.listeners {
+		lns = append(lns, ln)
+	}
+	u.mu.Unlock()
+	for _, ln := range lns {
+		_ = ln.Close()
+	}
+	t := time.NewTicker(drainPoll)
+	defer t.Stop()
+	for {
+		u.mu.Lock()
+		n := len(u.conns)
+		u.mu.Unlock()
+		if n == 0 {
+			return true
+		}
+		select {
+		case <-ctx.Done():
+			return false
+		case <-t.C:
+		}
+	}
+}
+
 // Close closes the listeners and every forwarded connection, waits for their
 // goroutines and shuts the device down. Connections returned by DialContext
 // end with the device. Calling Close again returns nil.
@@ -346,6 +379,7 @@ func (u *Userspace) Close() error {
 	}
 	u.wg.Wait()
 	u.dev.Close()
+	u.ns.close()
 	u.log.Info("tunnel closed")
 	return nil
 }

@@ -38,6 +38,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 
+	"github.com/pinhole-dev/pinhole/internal/netstacktun"
 	"github.com/pinhole-dev/pinhole/internal/wgkey"
 	"github.com/pinhole-dev/pinhole/internal/wglog"
 )
@@ -133,7 +134,7 @@ type Gateway struct {
 
 	dev   *device.Device
 	bind  *watchBind
-	tun   *netTUN
+	tun   *netstacktun.Device
 	stack *stack.Stack
 	link  *channel.Endpoint
 	uapi  *uapiServer
@@ -196,7 +197,7 @@ func New(cfg Config) (*Gateway, error) {
 		g.stop()
 		return nil, err
 	}
-	g.tun = newNetTUN(g.link, mtu)
+	g.tun = netstacktun.New(g.link, outboundQueueLen, mtu, "pinhole-gw")
 	g.bind = newWatchBind(conn.NewDefaultBind())
 	g.dev = device.NewDevice(g.tun, g.bind, wglog.New(log))
 
@@ -393,7 +394,7 @@ func (g *Gateway) RemovePeer(pub wgkey.Public) error {
 // tun queue puts those packets into the peer's send queue, then a keepalive
 // queued behind them is watched until it leaves.
 func (g *Gateway) flushPeer(ctx context.Context, pub wgkey.Public) error {
-	if err := g.tun.barrier(ctx); err != nil {
+	if err := g.tun.Barrier(ctx); err != nil {
 		return fmt.Errorf("tun barrier: %w", err)
 	}
 	ep, err := peerEndpoint(g.dev, pub)

@@ -1,4 +1,14 @@
-package gateway
+// Package netstacktun is the tun.Device that joins a wireguard-go device to a
+// gVisor network stack of our own, for the broker's gateway and the agent's
+// userspace tunnel.
+//
+// It replaces wireguard-go's stock tun/netstack device, whose Close closes a
+// channel that gVisor's TCP goroutines may still send on (a panic when a
+// segment arrives for a closed connection while the tunnel shuts down). Here
+// nothing is ever sent on a closed channel: Read takes packets straight from
+// the channel endpoint's queue, and senders that wait for room give up when
+// the device closes.
+package netstacktun
 
 import (
 	"context"
@@ -18,18 +28,20 @@ import (
 
 // markerLen is the size of a barrier marker queued on the outbound channel.
 // A marker starts with a zero byte, which no IPv4 or IPv6 packet does, so
-// netTUN.Read can tell it from real traffic and never hands it to the device.
+// Device.Read can tell it from real traffic and never hands it to the device.
 const markerLen = 9
 
-// netTUN is the tun.Device wireguard-go reads from and writes to. Packets the
+// Device is the tun.Device wireguard-go reads from and writes to. Packets the
 // device decrypts are injected into the gVisor stack; packets the stack sends
 // are read from the channel endpoint's outbound queue. Only TCP reaches the
 // stack: everything else is dropped here, before gVisor could answer it.
-type netTUN struct {
-	ep     *channel.Endpoint
-	notify *channel.NotificationHandle
-	mtu    int
-	events chan tun.Event
+type Device struct {
+	ep        *channel.Endpoint
+	notify    *channel.NotificationHandle
+	mtu       int
+	name      string
+	highWater int
+	events    chan tun.Event
 
 	// ctx is cancelled by Close; it unblocks Read.
 	ctx    context.Context
@@ -53,17 +65,22 @@ type netTUN struct {
 	nextID  uint64
 }
 
-var _ tun.Device = (*netTUN)(nil)
+var _ tun.Device = (*Device)(nil)
 
-func newNetTUN(ep *channel.Endpoint, mtu int) *netTUN {
+// New returns a Device over ep, whose outbound queue holds queueLen packets,
+// named name. The stack and the endpoint stay the caller's: Close stops the
+// Device only.
+func New(ep *channel.Endpoint, queueLen, mtu int, name string) *Device {
 	ctx, cancel := context.WithCancel(context.Background())
-	t := &netTUN{
-		ep:      ep,
-		mtu:     mtu,
-		events:  make(chan tun.Event, 1),
-		ctx:     ctx,
-		cancel:  cancel,
-		markers: make(map[uint64]chan struct{}),
+	t := &Device{
+		ep:        ep,
+		mtu:       mtu,
+		name:      name,
+		highWater: queueLen / 2,
+		events:    make(chan tun.Event, 1),
+		ctx:       ctx,
+		cancel:    cancel,
+		markers:   make(map[uint64]chan struct{}),
 	}
 	t.space = sync.NewCond(&t.spaceMu)
 	t.notify = ep.AddNotify(t)
@@ -71,17 +88,14 @@ func newNetTUN(ep *channel.Endpoint, mtu int) *netTUN {
 	return t
 }
 
-// highWater is the queue length above which senders wait for the device.
-const highWater = outboundQueueLen / 2
-
 // WriteNotify implements channel.Notification; see spaceMu.
-func (t *netTUN) WriteNotify() {
-	if t.ep.NumQueued() < highWater {
+func (t *Device) WriteNotify() {
+	if t.ep.NumQueued() < t.highWater {
 		return
 	}
 	t.spaceMu.Lock()
 	t.spaceWait.Add(1)
-	for t.ep.NumQueued() >= highWater && t.ctx.Err() == nil {
+	for t.ep.NumQueued() >= t.highWater && t.ctx.Err() == nil {
 		t.space.Wait()
 	}
 	t.spaceWait.Add(-1)
@@ -89,7 +103,7 @@ func (t *netTUN) WriteNotify() {
 }
 
 // wakeSenders releases senders waiting in WriteNotify once there is room.
-func (t *netTUN) wakeSenders() {
+func (t *Device) wakeSenders() {
 	if t.spaceWait.Load() == 0 {
 		return
 	}
@@ -99,26 +113,26 @@ func (t *netTUN) wakeSenders() {
 }
 
 // File implements tun.Device; there is no file behind this device.
-func (t *netTUN) File() *os.File { return nil }
+func (t *Device) File() *os.File { return nil }
 
 // Name implements tun.Device.
-func (t *netTUN) Name() (string, error) { return "pinhole-gw", nil }
+func (t *Device) Name() (string, error) { return t.name, nil }
 
 // MTU implements tun.Device.
-func (t *netTUN) MTU() (int, error) { return t.mtu, nil }
+func (t *Device) MTU() (int, error) { return t.mtu, nil }
 
 // BatchSize implements tun.Device: one packet per Read, which the barrier
 // logic relies on.
-func (t *netTUN) BatchSize() int { return 1 }
+func (t *Device) BatchSize() int { return 1 }
 
 // Events implements tun.Device.
-func (t *netTUN) Events() <-chan tun.Event { return t.events }
+func (t *Device) Events() <-chan tun.Event { return t.events }
 
 // Read returns the next packet the stack wants to send. When it reaches a
 // barrier marker, every packet queued before the marker has been returned
 // and, because the device calls Read again only after it has handed the
 // previous packet to its peer's queues, fully processed by the device.
-func (t *netTUN) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
+func (t *Device) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
 	for {
 		pkt := t.ep.ReadContext(t.ctx)
 		if pkt == nil {
@@ -140,7 +154,7 @@ func (t *netTUN) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
 	}
 }
 
-func (t *netTUN) reachedMarker(b []byte) {
+func (t *Device) reachedMarker(b []byte) {
 	if len(b) != markerLen {
 		return
 	}
@@ -153,9 +167,10 @@ func (t *netTUN) reachedMarker(b []byte) {
 	}
 }
 
-// barrier queues a marker behind every packet the stack has sent so far and
-// waits until the device has consumed it (see Read) or ctx is done.
-func (t *netTUN) barrier(ctx context.Context) error {
+// Barrier queues a marker behind every packet the stack has sent so far and
+// waits until the device has consumed it (see Read) or ctx is done. It
+// returns ErrQueueFull when the marker cannot be queued.
+func (t *Device) Barrier(ctx context.Context) error {
 	t.mu.Lock()
 	id := t.nextID
 	t.nextID++
@@ -176,7 +191,7 @@ func (t *netTUN) barrier(ctx context.Context) error {
 	n, terr := t.ep.WritePackets(l)
 	l.DecRef()
 	if terr != nil || n != 1 {
-		return errBarrierQueueFull
+		return ErrQueueFull
 	}
 	select {
 	case <-ch:
@@ -190,13 +205,13 @@ func (t *netTUN) barrier(ctx context.Context) error {
 
 // Write injects packets decrypted by the device into the stack. Only TCP over
 // IPv4 or IPv6 is let through; everything else is dropped silently.
-func (t *netTUN) Write(bufs [][]byte, offset int) (int, error) {
+func (t *Device) Write(bufs [][]byte, offset int) (int, error) {
 	if t.ctx.Err() != nil {
 		return 0, os.ErrClosed
 	}
 	for _, b := range bufs {
 		pkt := b[offset:]
-		proto, ok := allowedPacket(pkt)
+		proto, ok := AllowedPacket(pkt)
 		if !ok {
 			continue
 		}
@@ -207,9 +222,10 @@ func (t *netTUN) Write(bufs [][]byte, offset int) (int, error) {
 	return len(bufs), nil
 }
 
-// Close implements tun.Device. It stops Read and closes the event channel; the
-// stack and the endpoint belong to the Gateway, which tears them down.
-func (t *netTUN) Close() error {
+// Close implements tun.Device. It stops Read, releases waiting senders and
+// closes the event channel; the stack and the endpoint belong to the caller,
+// which tears them down.
+func (t *Device) Close() error {
 	t.closeOnce.Do(func() {
 		t.cancel()
 		t.ep.RemoveNotify(t.notify)
@@ -221,10 +237,10 @@ func (t *netTUN) Close() error {
 	return nil
 }
 
-// allowedPacket reports whether an inbound packet may enter the stack and
+// AllowedPacket reports whether an inbound packet may enter the stack and
 // with which network protocol: well-formed-looking TCP over IPv4 or IPv6 only
 // (no IPv6 extension headers). gVisor validates everything else.
-func allowedPacket(p []byte) (proto tcpip.NetworkProtocolNumber, ok bool) {
+func AllowedPacket(p []byte) (proto tcpip.NetworkProtocolNumber, ok bool) {
 	if len(p) == 0 {
 		return 0, false
 	}
@@ -249,5 +265,5 @@ func allowedPacket(p []byte) (proto tcpip.NetworkProtocolNumber, ok bool) {
 	return 0, false
 }
 
-// errBarrierQueueFull reports that a barrier marker could not be queued.
-var errBarrierQueueFull = errors.New("outbound packet queue full")
+// ErrQueueFull reports that a barrier marker could not be queued.
+var ErrQueueFull = errors.New("outbound packet queue full")
