@@ -36,13 +36,37 @@ type LiveGrant struct {
 	WGPublic   wgkey.Public
 }
 
-// flowTable maps agent tunnel addresses to live grants (one grant per address).
+// flowTable maps agent tunnel addresses to live grants (one grant per
+// address). An ended grant leaves the table at once, so no new flow is
+// authorized for it, but its address stays draining until its peer and flows
+// are gone, so no new grant is handed that address in between.
 type flowTable struct {
-	mu     sync.Mutex
-	byAddr map[netip.Addr]LiveGrant
+	mu       sync.Mutex
+	byAddr   map[netip.Addr]LiveGrant
+	draining map[netip.Addr]int
 }
 
-func (f *flowTable) init() { f.byAddr = make(map[netip.Addr]LiveGrant) }
+func (f *flowTable) init() {
+	f.byAddr = make(map[netip.Addr]LiveGrant)
+	f.draining = make(map[netip.Addr]int)
+}
+
+// inUse reports whether a is held by a live or draining grant.
+func (f *flowTable) inUse(a netip.Addr) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	_, live := f.byAddr[a]
+	return live || f.draining[a] > 0
+}
+
+// drained releases an address that removeRequest left draining.
+func (f *flowTable) drained(a netip.Addr) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.draining[a]--; f.draining[a] <= 0 {
+		delete(f.draining, a)
+	}
+}
 
 func (f *flowTable) put(g LiveGrant) {
 	f.mu.Lock()
@@ -68,12 +92,15 @@ func (f *flowTable) byKey(k wgkey.Public) (LiveGrant, bool) {
 	return LiveGrant{}, false
 }
 
+// removeRequest takes grant id out of the table and marks its address
+// draining; the caller calls drained when the peer and flows are gone.
 func (f *flowTable) removeRequest(id string) (LiveGrant, bool) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	for a, g := range f.byAddr {
 		if g.Request == id {
 			delete(f.byAddr, a)
+			f.draining[a]++
 			return g, true
 		}
 	}
@@ -289,7 +316,7 @@ func (s *Service) allocateAddr(ctx context.Context, tx store.Tx) (netip.Addr, er
 	p := s.cfg.TunnelPrefix.Masked()
 	a := p.Addr().Next().Next()
 	for ; p.Contains(a); a = a.Next() {
-		if !taken[a] {
+		if !taken[a] && !s.flows.inUse(a) {
 			return a, nil
 		}
 	}
@@ -375,6 +402,20 @@ func (s *Service) Revoke(ctx context.Context, actor store.User, id, reason strin
 // endGrant ends request id (revoke when revoke is set, else expiry if due)
 // in one transaction, then cuts its sessions and removes its peer.
 func (s *Service) endGrant(ctx context.Context, id, reason, actor string, revoke bool) (access.Request, error) {
+	r, changed, err := s.closeRequest(ctx, id, reason, actor, revoke)
+	if err != nil {
+		return access.Request{}, err
+	}
+	if changed {
+		s.finishEnd(id, r)
+	}
+	return r, nil
+}
+
+// closeRequest commits the end of request id (revoke when revoke is set,
+// else expiry if due) with its audit event; changed reports whether it ended
+// now. The caller cuts the data plane with finishEnd when changed.
+func (s *Service) closeRequest(ctx context.Context, id, reason, actor string, revoke bool) (access.Request, bool, error) {
 	now := s.now()
 	var r access.Request
 	var changed bool
@@ -413,33 +454,44 @@ func (s *Service) endGrant(ctx context.Context, id, reason, actor string, revoke
 			Details: map[string]string{"state": string(r.State), "reason": endReason(r, string(r.State))}})
 	})
 	if err != nil {
-		return access.Request{}, err
+		return access.Request{}, false, err
 	}
-	if changed {
-		s.cutDataPlane(id, r)
-		s.hub.notify(r.Device)
-	}
-	return r, nil
+	return r, changed, nil
 }
 
-// cutDataPlane closes the grant's proxied sessions (with a one-line reason),
-// then its flows and its peer.
+// finishEnd cuts the data plane of a grant closeRequest ended, then tells
+// its agent (after the cut, so the agent's teardown cannot overtake the
+// sessions' one-line reason).
+func (s *Service) finishEnd(id string, r access.Request) {
+	s.cutDataPlane(id, r)
+	s.hub.notify(r.Device)
+}
+
+// cutDataPlane ends a grant's data plane. First the grant leaves the flow
+// table, so no new flow is authorized for it from this instant; then its
+// proxied sessions are told the one-line reason (bounded wait, see
+// SessionCutter); then its flows are closed and its peer removed.
 func (s *Service) cutDataPlane(id string, r access.Request) {
-	s.planeMu.Lock()
-	defer s.planeMu.Unlock()
 	gw, cut := s.dataPlane()
+	s.planeMu.Lock()
+	g, ok := s.flows.removeRequest(id)
+	s.planeMu.Unlock()
 	msg := fmt.Sprintf("grant %s for %s %s; session closed", id, r.Target, endReason(r, "ended"))
 	if cut != nil {
 		// Returns once the told sessions' connections are gone (bounded),
 		// so the reset below cannot cut off their one-line reason.
 		cut.EndGrant(id, msg)
 	}
-	g, ok := s.flows.removeRequest(id)
-	if ok && gw != nil {
-		if err := gw.RemovePeer(g.WGPublic); err != nil {
-			s.log.Error("removing peer failed", "request", id, "err", err)
+	if ok {
+		s.planeMu.Lock()
+		if gw != nil {
+			if err := gw.RemovePeer(g.WGPublic); err != nil {
+				s.log.Error("removing peer failed", "request", id, "err", err)
+			}
+			gw.CloseFlows(g.TunnelAddr)
 		}
-		gw.CloseFlows(g.TunnelAddr)
+		s.flows.drained(g.TunnelAddr)
+		s.planeMu.Unlock()
 	}
 	s.log.Info("grant ended", "request", id, "reason", r.EndReason, "state", r.State)
 }
@@ -453,7 +505,7 @@ func (s *Service) poke() {
 
 // Run ends pending requests and grants when their time comes, until ctx is
 // done. It wakes at the earliest due time, so a grant ends within
-// milliseconds of its expiry.
+// milliseconds of its expiry. It returns once the cuts it started are done.
 func (s *Service) Run(ctx context.Context) error {
 	for {
 		next, err := s.expireDue(ctx)
@@ -472,6 +524,7 @@ func (s *Service) Run(ctx context.Context) error {
 		select {
 		case <-ctx.Done():
 			t.Stop()
+			s.cuts.Wait()
 			return nil
 		case <-s.wake:
 		case <-t.C:
@@ -498,8 +551,15 @@ func (s *Service) expireDue(ctx context.Context) (time.Time, error) {
 			due = r.GrantEnds
 		}
 		if !now.Before(due) {
-			if _, err := s.endGrant(ctx, r.ID, "expired", "broker", false); err != nil {
+			ended, changed, err := s.closeRequest(ctx, r.ID, "expired", "broker", false)
+			if err != nil {
 				return time.Time{}, err
+			}
+			if changed {
+				// Each grant's cut runs on its own, so one grant's goodbye
+				// to its sessions never delays another grant's cut.
+				id := r.ID
+				s.cuts.Go(func() { s.finishEnd(id, ended) })
 			}
 			continue
 		}

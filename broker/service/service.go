@@ -117,6 +117,8 @@ type Service struct {
 	// planeMu orders data-plane changes of a grant (peer in, peer out) so an
 	// activation racing an expiry cannot leave a peer behind.
 	planeMu sync.Mutex
+	// cuts tracks the data-plane cuts of expired grants; Run waits for them.
+	cuts sync.WaitGroup
 }
 
 // New validates cfg and returns a Service. Attach the data plane with

@@ -1,0 +1,149 @@
+package service
+
+import (
+	"crypto/rand"
+	"net/netip"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/pinhole-dev/pinhole/internal/access"
+	"github.com/pinhole-dev/pinhole/internal/fido"
+	"github.com/pinhole-dev/pinhole/internal/policy"
+	"github.com/pinhole-dev/pinhole/internal/sshca"
+	"github.com/pinhole-dev/pinhole/internal/store"
+	"github.com/pinhole-dev/pinhole/internal/store/sqlstore"
+	"github.com/pinhole-dev/pinhole/internal/wgkey"
+)
+
+// newTestService builds a Service over the real SQLite store in t.TempDir().
+func newTestService(t *testing.T) *Service {
+	t.Helper()
+	st, err := sqlstore.Open(t.Context(), filepath.Join(t.TempDir(), "pinhole.db"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	f, err := fido.New(fido.Config{RPID: "localhost", Origins: []string{"https://localhost:8443"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	userCA, err := sshca.NewKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hostCA, err := sshca.NewKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var pol atomic.Pointer[policy.Config]
+	pol.Store(&policy.Config{})
+	svc, err := New(Config{Store: st, Policy: &pol, FIDO: f, UserCA: userCA, HostCA: hostCA, PublicURL: "https://localhost:8443"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return svc
+}
+
+// fakeGateway records peer and flow changes.
+type fakeGateway struct {
+	mu      sync.Mutex
+	removed []wgkey.Public
+	closed  []netip.Addr
+	key     wgkey.Public
+}
+
+func (g *fakeGateway) AddPeer(wgkey.Public, netip.Addr) error { return nil }
+func (g *fakeGateway) RemovePeer(k wgkey.Public) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.removed = append(g.removed, k)
+	return nil
+}
+func (g *fakeGateway) CloseFlows(a netip.Addr) int {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.closed = append(g.closed, a)
+	return 0
+}
+func (g *fakeGateway) PublicKey() wgkey.Public { return g.key }
+
+// blockingCutter holds EndGrant until release is closed, as a session
+// saying goodbye to a slow client does.
+type blockingCutter struct {
+	entered chan string
+	release chan struct{}
+}
+
+func (c *blockingCutter) EndGrant(id, _ string) int {
+	c.entered <- id
+	<-c.release
+	return 1
+}
+
+// TestCutRefusesNewFlowsBeforeGoodbye: from the moment a grant's cut
+// starts, no new flow is authorized for it and its tunnel address is not
+// handed to another grant, even while its sessions are still being told why
+// (invariants 1 and 6); the peer goes and the flows close after the goodbye.
+func TestCutRefusesNewFlowsBeforeGoodbye(t *testing.T) {
+	s := newTestService(t)
+	ctx := t.Context()
+	gw := &fakeGateway{}
+	cut := &blockingCutter{entered: make(chan string, 1), release: make(chan struct{})}
+	s.SetDataPlane(gw, cut)
+
+	priv, err := wgkey.NewPrivate(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	first := s.cfg.TunnelPrefix.Masked().Addr().Next().Next()
+	dst := netip.MustParseAddrPort("127.0.0.1:22")
+	g := LiveGrant{Request: "r-1", Device: "d-1", User: "alice", Target: "db-prod", TunnelAddr: first, Dst: dst,
+		Ends: s.now().Add(time.Hour), WGPublic: priv.Public()}
+	s.flows.put(g)
+	src := netip.AddrPortFrom(first, 40000)
+	if _, err := s.AuthorizeFlow(ctx, src, dst); err != nil {
+		t.Fatalf("live grant: flow refused: %v", err)
+	}
+
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		s.cutDataPlane("r-1", access.Request{ID: "r-1", Target: "db-prod", State: access.StateEnded})
+	}()
+	<-cut.entered // the cut is telling the sessions why
+
+	if _, err := s.AuthorizeFlow(ctx, src, dst); err == nil {
+		t.Error("a new flow was authorized for a grant whose cut had started")
+	}
+	var got netip.Addr
+	if err := s.cfg.Store.Update(ctx, func(tx store.Tx) error {
+		var err error
+		got, err = s.allocateAddr(ctx, tx)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if got == first {
+		t.Errorf("allocateAddr handed out %s while the ended grant's flows were still draining", got)
+	}
+	gw.mu.Lock()
+	early := len(gw.removed) + len(gw.closed)
+	gw.mu.Unlock()
+	if early != 0 {
+		t.Errorf("peer removed or flows closed before the sessions were told why")
+	}
+
+	close(cut.release)
+	<-done
+	gw.mu.Lock()
+	defer gw.mu.Unlock()
+	if len(gw.removed) != 1 || gw.removed[0] != priv.Public() || len(gw.closed) != 1 || gw.closed[0] != first {
+		t.Errorf("after the cut: removed %v, closed %v; want the grant's peer and address", gw.removed, gw.closed)
+	}
+	if s.flows.inUse(first) {
+		t.Errorf("address %s still held after the cut finished", first)
+	}
+}
