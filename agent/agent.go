@@ -59,6 +59,12 @@ const (
 	// expiryGrace is how long after a grant's end the agent tears the tunnel
 	// down on its own when the broker has not already ended it.
 	expiryGrace = 2 * time.Second
+	// goodbyeGrace is how long after a grant's end (its expiry, or the
+	// moment the broker's word of a revoke arrives) the agent lets the
+	// grant's connections run down before it closes them: the broker tells
+	// SSH users why and cuts the flows itself, and closing them first would
+	// swallow that reason. No new connection is accepted meanwhile.
+	goodbyeGrace = 600 * time.Millisecond
 	// maxEnded bounds how many ended requests the agent remembers for Wait.
 	maxEnded = 1024
 	// callTimeout bounds one broker call (beyond a long-poll's own wait), so
@@ -81,6 +87,9 @@ type Tunnel interface {
 	// on the granted target address. A port the gateway does not grant is
 	// refused (a TCP reset).
 	DialContext(ctx context.Context, dst netip.AddrPort) (net.Conn, error)
+	// Drain stops accepting local connections and waits until the
+	// forwarded ones have ended by themselves or ctx is done.
+	Drain(ctx context.Context) bool
 	// Close tears the tunnel down and closes every forwarded connection.
 	Close() error
 }

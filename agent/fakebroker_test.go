@@ -385,6 +385,15 @@ func (f *fakeTunnel) dialed() []netip.AddrPort {
 	return append([]netip.AddrPort(nil), f.dials...)
 }
 
+func (f *fakeTunnel) Drain(ctx context.Context) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, ln := range f.lns {
+		ln.Close()
+	}
+	return true
+}
+
 func (f *fakeTunnel) Close() error {
 	f.once.Do(func() {
 		f.mu.Lock()

@@ -131,10 +131,22 @@ func (a *Agent) runGrant(ctx context.Context, g *grant) {
 	// Mark the tunnel down before closing it, so nobody is handed a dead one.
 	a.mu.Lock()
 	g.up, g.tun = false, nil
-	if g.endState != "" {
+	byBroker := g.endState != ""
+	if byBroker {
 		state, reason = g.endState, g.endReason
 	}
 	a.mu.Unlock()
+	if byBroker {
+		// The broker is cutting the grant's flows and telling its sessions
+		// why; let that reach the user rather than cut it off.
+		end := a.cfg.Now()
+		if act.expires.Before(end) {
+			end = act.expires
+		}
+		dctx, cancel := context.WithDeadline(context.WithoutCancel(ctx), end.Add(goodbyeGrace))
+		tun.Drain(dctx)
+		cancel()
+	}
 	if err := tun.Close(); err != nil {
 		log.Error("closing tunnel failed", "err", err)
 	}

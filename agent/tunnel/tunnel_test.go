@@ -410,3 +410,60 @@ func echo(t *testing.T, c net.Conn, n int) {
 		t.Fatal("echo differs")
 	}
 }
+
+// TestDrain: Drain stops new local connections at once, lets a live one
+// carry its last words, and returns when it has ended or its time is up.
+func TestDrain(t *testing.T) {
+	t.Parallel()
+	f, u := newPair(t)
+	const port = 2210
+	bye := make(chan struct{})
+	f.serve(t, port, func(c net.Conn) {
+		_, _ = c.Write([]byte("hi"))
+		<-bye
+		_, _ = c.Write([]byte("bye"))
+	})
+	addr, err := u.Listen("127.0.0.1:0", netip.AddrPortFrom(targetIP, port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := net.Dial("tcp", addr.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.SetReadDeadline(time.Now().Add(5 * time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadFull(c, make([]byte, 2)); err != nil {
+		t.Fatal(err)
+	}
+
+	// Time runs out while the connection is still open.
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	if u.Drain(ctx) {
+		t.Error("Drain reported no connections left while one was open")
+	}
+	cancel()
+	if c2, err := net.DialTimeout("tcp", addr.String(), time.Second); err == nil {
+		c2.Close()
+		t.Error("local listener still accepts after Drain")
+	}
+
+	// The far end says goodbye and closes: the words arrive, Drain returns.
+	drained := make(chan bool, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		drained <- u.Drain(ctx)
+	}()
+	close(bye)
+	got, err := io.ReadAll(c)
+	if string(got) != "bye" {
+		t.Fatalf("read %q, %v after goodbye; want \"bye\"", got, err)
+	}
+	c.Close()
+	if !<-drained {
+		t.Error("Drain timed out after the last connection ended")
+	}
+}
