@@ -399,3 +399,29 @@ func FuzzVerify(f *testing.F) {
 		}
 	})
 }
+
+// TestSealSurvivesJSON: an event sealed with bytes that are not UTF-8 in any
+// field verifies after a JSON round trip, and Seal leaves the caller's
+// Details alone.
+func TestSealSurvivesJSON(t *testing.T) {
+	t.Parallel()
+	details := map[string]string{"command": "true # \xff\xfe", "k\x80": "v"}
+	e := Seal(GenesisHash, Event{Seq: 1, Time: t0, Type: "session.started", Actor: "al\xc3", Target: "db", Details: details})
+	if details["command"] != "true # \xff\xfe" {
+		t.Error("Seal modified the caller's Details")
+	}
+	if e.Actor != "al\uFFFD" || e.Details["command"] != "true # \uFFFD" || e.Details["k\uFFFD"] != "v" {
+		t.Errorf("sealed event not repaired: %+v", e)
+	}
+	var buf bytes.Buffer
+	if err := WriteJSONL(&buf, []Event{e}); err != nil {
+		t.Fatal(err)
+	}
+	back, err := ReadJSONL(&buf, 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := Verify(back); err != nil {
+		t.Fatalf("after a JSON round trip: %v", err)
+	}
+}

@@ -20,7 +20,9 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"strings"
 	"time"
+	"unicode/utf8"
 )
 
 // GenesisHash is the PrevHash of the first event (Seq 1) of every chain.
@@ -86,11 +88,35 @@ type Event struct {
 }
 
 // Seal returns e with PrevHash set to prevHash and Hash set to the lower-case
-// hex SHA-256 of Canonical of the result. It does not copy or modify
-// e.Details.
+// hex SHA-256 of Canonical of the result. Every string of e, Details keys and
+// values included, is first made valid UTF-8 (each run of bytes that are not
+// UTF-8 becomes one U+FFFD), so the sealed event survives any text encoding, JSON
+// included, unchanged: a client that puts stray bytes in an SSH command or
+// a certificate key ID cannot make a stored chain fail verification. It never
+// modifies e.Details; it copies the map when it has to repair an entry.
 func Seal(prevHash string, e Event) Event {
+	e = validText(e)
 	e.PrevHash = prevHash
 	e.Hash = hashOf(e)
+	return e
+}
+
+// validText returns e with every string made valid UTF-8.
+func validText(e Event) Event {
+	for _, f := range []*string{&e.Type, &e.Actor, &e.Device, &e.Src, &e.Target, &e.Request, &e.Grant} {
+		*f = strings.ToValidUTF8(*f, "\uFFFD")
+	}
+	for k, v := range e.Details {
+		if utf8.ValidString(k) && utf8.ValidString(v) {
+			continue
+		}
+		d := make(map[string]string, len(e.Details))
+		for k, v := range e.Details {
+			d[strings.ToValidUTF8(k, "\uFFFD")] = strings.ToValidUTF8(v, "\uFFFD")
+		}
+		e.Details = d
+		break
+	}
 	return e
 }
 

@@ -1,0 +1,138 @@
+package e2e
+
+import (
+	"crypto/rand"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/crypto/ssh"
+
+	"github.com/pinhole-dev/pinhole/internal/audit"
+	"github.com/pinhole-dev/pinhole/internal/sshca"
+	"github.com/pinhole-dev/pinhole/internal/wgkey"
+	"github.com/pinhole-dev/pinhole/internal/wire"
+)
+
+// grantWithSSHKey activates a grant to target for a fresh device of alice,
+// approved by bob, and returns the activation, its keys and the request ID.
+func grantWithSSHKey(t *testing.T, e *env, target string) (wire.Activation, wgkey.Private, ssh.Signer) {
+	t.Helper()
+	alice := e.invite("alice", "dba")
+	bob := e.invite("bob", "approver")
+	dc := e.deviceClient(e.enroll(alice))
+	req, err := dc.CreateRequest(e.ctx, wire.CreateRequest{Target: target, TTL: "5m", Reason: "INC-8 bytes"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.approve(req.ID, bob)
+	waitGranted(t, e.ctx, dc, req.ID)
+	priv, err := wgkey.NewPrivate(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sk, err := sshca.NewKey(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	act, err := dc.Activate(e.ctx, req.ID, wire.ActivateRequest{WireGuardPublicKey: priv.Public().String(), SSHPublicKey: sshca.AuthorizedKey(sk.PublicKey())})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return act, priv, sk
+}
+
+// TestInvariant08AuditSurvivesStrayBytes: bytes that are not UTF-8 in what a
+// grant holder sends (an SSH exec command, the key ID of a self-made
+// certificate) are audited as U+FFFD; the stored chain still verifies and the
+// broker still signs checkpoints afterwards. (Hashing the raw bytes while the
+// store keeps JSON text once let one such command break verification and stop
+// checkpoints for good.)
+func TestInvariant08AuditSurvivesStrayBytes(t *testing.T) {
+	e := newEnv(t)
+	act, priv, sk := grantWithSSHKey(t, e, "db-prod")
+	if _, err := e.b.Service().Checkpoint(e.ctx); err != nil {
+		t.Fatalf("checkpoint before: %v", err)
+	}
+	p := newRawPeer(t, act, priv, netip.MustParseAddr(act.TunnelAddress))
+	sshConn := func(signer ssh.Signer) (*ssh.Client, error) {
+		nc, err := p.dial(act.Destination, 10*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cc, chans, reqs, err := ssh.NewClientConn(nc, "db-prod:22", &ssh.ClientConfig{User: act.Login,
+			Auth: []ssh.AuthMethod{ssh.PublicKeys(signer)}, HostKeyCallback: ssh.InsecureIgnoreHostKey(), Timeout: 10 * time.Second})
+		if err != nil {
+			nc.Close()
+			return nil, err
+		}
+		return ssh.NewClient(cc, chans, reqs), nil
+	}
+
+	// An exec command with stray bytes, through the recording proxy.
+	pub, _, _, _, err := ssh.ParseAuthorizedKey([]byte(act.SSHCertificate))
+	if err != nil {
+		t.Fatal(err)
+	}
+	signer, err := sshca.CertSigner(pub.(*ssh.Certificate), sk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	client, err := sshConn(signer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sess, err := client.NewSession()
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _ = sess.CombinedOutput("true # \xff\xfe")
+	client.Close()
+
+	// A self-made certificate whose key ID holds a stray byte.
+	ca, _ := sshca.NewKey(rand.Reader)
+	k, _ := sshca.NewKey(rand.Reader)
+	cert := &ssh.Certificate{Key: k.PublicKey(), CertType: ssh.UserCert, KeyId: "evil\xff", ValidPrincipals: []string{act.Login},
+		ValidAfter: uint64(time.Now().Add(-time.Minute).Unix()), ValidBefore: uint64(time.Now().Add(time.Hour).Unix())}
+	if err := cert.SignCert(rand.Reader, ca); err != nil {
+		t.Fatal(err)
+	}
+	forged, _ := ssh.NewCertSigner(cert, k)
+	if c, err := sshConn(forged); err == nil {
+		c.Close()
+		t.Fatal("a self-made certificate was accepted")
+	}
+
+	var evs []audit.Event
+	waitUntil(t, 10*time.Second, "session.ended and auth.refused", func() bool {
+		evs = e.auditEvents()
+		return hasType(evs, audit.TypeSessionEnded) && hasType(evs, "auth.refused")
+	})
+	if err := audit.Verify(evs); err != nil {
+		t.Fatalf("chain no longer verifies: %v", err)
+	}
+	if _, err := e.b.Service().Checkpoint(e.ctx); err != nil {
+		t.Fatalf("checkpoint after: %v", err)
+	}
+	var sawCmd, sawKeyID bool
+	for _, ev := range evs {
+		sawCmd = sawCmd || ev.Details["command"] == "true # \uFFFD"
+		sawKeyID = sawKeyID || ev.Details["key_id"] == "evil\uFFFD"
+	}
+	if !sawCmd || !sawKeyID {
+		for _, ev := range evs {
+			t.Logf("%s %v", ev.Type, ev.Details)
+		}
+		t.Errorf("stray bytes not audited as U+FFFD (command seen %v, key id seen %v)", sawCmd, sawKeyID)
+	}
+}
+
+func hasType(evs []audit.Event, typ string) bool {
+	for _, ev := range evs {
+		if strings.EqualFold(ev.Type, typ) {
+			return true
+		}
+	}
+	return false
+}
