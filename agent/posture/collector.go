@@ -23,7 +23,6 @@ import (
 	"os"
 	"strings"
 	"time"
-	"unicode"
 	"unicode/utf8"
 
 	postureschema "github.com/pinhole-dev/pinhole/internal/posture"
@@ -198,12 +197,12 @@ func readBounded(fsys fs.FS, name string, max int64) ([]byte, error) {
 	return b, nil
 }
 
-// orUnknown cleans s for a report (valid UTF-8, no control characters,
-// bounded length) and returns "unknown" when nothing is left.
+// orUnknown cleans s for a report (valid UTF-8, no control or invisible
+// formatting characters, bounded length) and returns "unknown" when nothing is left.
 func orUnknown(s string) string {
 	s = strings.ToValidUTF8(s, "\uFFFD")
 	s = strings.Map(func(r rune) rune {
-		if unicode.IsControl(r) {
+		if postureschema.Hidden(r) {
 			return ' '
 		}
 		return r

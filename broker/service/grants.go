@@ -387,12 +387,18 @@ func (s *Service) Revoke(ctx context.Context, actor store.User, id, reason strin
 	if err != nil || (r.Requester != actor.Name && actor.Role != RoleAdmin) {
 		return wire.Request{}, errorf(KindNotFound, "no request %s", id)
 	}
-	if reason == "" {
-		reason = "revoked by " + actor.Name
-	} else {
-		reason = "revoked by " + actor.Name + ": " + reason
+	full := "revoked by " + actor.Name
+	if reason != "" {
+		if err := access.CheckReason(reason); err != nil {
+			return wire.Request{}, errorf(KindBadInput, "%v", err)
+		}
+		full += ": " + reason
+		if len(full) > access.MaxReasonLen {
+			return wire.Request{}, errorf(KindBadInput, "reason is %d bytes; at most %d fit after %q",
+				len(reason), access.MaxReasonLen-len(full)+len(reason), "revoked by "+actor.Name+": ")
+		}
 	}
-	r, err = s.endGrant(ctx, id, reason, actor.Name, true)
+	r, err = s.endGrant(ctx, id, full, actor.Name, true)
 	if err != nil {
 		return wire.Request{}, err
 	}

@@ -16,7 +16,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strings"
 	"time"
+	"unicode"
 	"unicode/utf8"
 )
 
@@ -253,6 +255,10 @@ func (r Report) validate() error {
 		if !utf8.ValidString(f.value) {
 			return fmt.Errorf("field %q is not valid UTF-8", f.name)
 		}
+		if i := strings.IndexFunc(f.value, Hidden); i >= 0 {
+			r, _ := utf8.DecodeRuneInString(f.value[i:])
+			return fmt.Errorf("field %q holds %U, a control or invisible formatting character", f.name, r)
+		}
 	}
 	switch r.ScreenLock {
 	case ScreenLockOn, ScreenLockOff, ScreenLockUnknown:
@@ -263,4 +269,16 @@ func (r Report) validate() error {
 		return errors.New("field \"collected_at\" is zero")
 	}
 	return nil
+}
+
+// Hidden reports runes a report's text fields must not hold, because an
+// approver's page would not show them as they are: control characters,
+// format characters (bidi overrides, zero-width joiners), line and paragraph
+// separators, and blank fillers.
+func Hidden(r rune) bool {
+	switch r {
+	case 0x034F, 0x115F, 0x1160, 0x3164, 0xFFA0, 0x2800:
+		return true
+	}
+	return unicode.IsControl(r) || unicode.In(r, unicode.Cf, unicode.Zl, unicode.Zp)
 }

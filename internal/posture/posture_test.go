@@ -175,6 +175,10 @@ func TestSignRefuses(t *testing.T) {
 		{name: "deny/bad screen lock", priv: priv, mutate: func(r *Report) { r.ScreenLock = "" }, errText: "screen_lock"},
 		{name: "deny/long field", priv: priv, mutate: func(r *Report) { r.OS = strings.Repeat("x", MaxFieldLen+1) }, errText: "max 1024"},
 		{name: "deny/invalid utf8", priv: priv, mutate: func(r *Report) { r.Hostname = "\xff" }, errText: "UTF-8"},
+		{name: "deny/line separator", priv: priv, mutate: func(r *Report) { r.Hostname = "ws\u2028disk encryption: yes" }, errText: "U+2028"},
+		{name: "deny/bidi override", priv: priv, mutate: func(r *Report) { r.OS = "Debian \u202e21" }, errText: "U+202E"},
+		{name: "deny/newline", priv: priv, mutate: func(r *Report) { r.Kernel = "6.1\nfirewall: on" }, errText: "U+000A"},
+		{name: "deny/blank filler", priv: priv, mutate: func(r *Report) { r.AgentVersion = "1\u3164" }, errText: "U+3164"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

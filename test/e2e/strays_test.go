@@ -2,6 +2,8 @@ package e2e
 
 import (
 	"crypto/rand"
+	"errors"
+	"net/http"
 	"net/netip"
 	"strings"
 	"testing"
@@ -10,6 +12,7 @@ import (
 	"golang.org/x/crypto/ssh"
 
 	"github.com/pinhole-dev/pinhole/internal/audit"
+	"github.com/pinhole-dev/pinhole/internal/client"
 	"github.com/pinhole-dev/pinhole/internal/sshca"
 	"github.com/pinhole-dev/pinhole/internal/wgkey"
 	"github.com/pinhole-dev/pinhole/internal/wire"
@@ -135,4 +138,35 @@ func hasType(evs []audit.Event, typ string) bool {
 		}
 	}
 	return false
+}
+
+// TestRevokeReasonBounds: a revoke reason that cannot fit after "revoked by
+// NAME: " or holds a control character is refused with a 400 naming the
+// problem, and the grant stays as it was; one that fits revokes.
+func TestRevokeReasonBounds(t *testing.T) {
+	e := newEnv(t)
+	alice := e.invite("alice", "dba")
+	e.invite("bob", "approver")
+	dc := e.deviceClient(e.enroll(alice))
+	req, err := dc.CreateRequest(e.ctx, wire.CreateRequest{Target: "db-tcp", TTL: "10m", Reason: "INC-9 revoke"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tt := range []struct{ name, reason, want string }{
+		{"deny/too long with prefix", strings.Repeat("r", 490), "at most 482 fit"},
+		{"deny/control character", "done\x1b[2J", "control characters"},
+	} {
+		_, err := dc.Revoke(e.ctx, req.ID, wire.RevokeRequest{Reason: tt.reason})
+		var ae *client.APIError
+		if !errors.As(err, &ae) || ae.Status != http.StatusBadRequest || !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("%s: got %v, want a 400 containing %q", tt.name, err, tt.want)
+		}
+	}
+	got, err := dc.Request(e.ctx, req.ID)
+	if err != nil || got.State != "pending" {
+		t.Fatalf("after refused revokes: state %q, %v; want pending", got.State, err)
+	}
+	if _, err := dc.Revoke(e.ctx, req.ID, wire.RevokeRequest{Reason: strings.Repeat("r", 482)}); err != nil {
+		t.Errorf("revoke with a reason that fits: %v", err)
+	}
 }
