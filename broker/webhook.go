@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"os"
 	"sync"
 
@@ -33,7 +34,13 @@ func (w *webhook) NotifyApprover(ctx context.Context, n service.ApprovalNotice) 
 	req.Header.Set("Content-Type", "application/json")
 	resp, err := w.client.Do(req)
 	if err != nil {
-		return fmt.Errorf("posting to webhook: %w", err)
+		// The URL can hold a secret (a token in its path or query): name
+		// only its host.
+		var ue *url.Error
+		if errors.As(err, &ue) {
+			err = ue.Err
+		}
+		return fmt.Errorf("posting to webhook at %s: %w", req.URL.Host, err)
 	}
 	defer resp.Body.Close()
 	io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))

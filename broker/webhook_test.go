@@ -4,12 +4,14 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/pinhole-dev/pinhole/broker/service"
 )
@@ -88,5 +90,25 @@ func TestOpenRefusesConfigWritableByOthers(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(dir, "data")); err == nil {
 		t.Fatal("the data dir was created for a refused config")
+	}
+}
+
+// TestWebhookErrorHidesURL: a webhook URL can carry a token; a delivery
+// error names the host only, since it is logged (invariant 12).
+func TestWebhookErrorHidesURL(t *testing.T) {
+	t.Parallel()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close() // nothing listens there now: the POST fails to connect
+	w := &webhook{url: "http://" + addr + "/hooks/T0K3N-secret?key=s3cr3t", client: &http.Client{Timeout: 2 * time.Second}}
+	err = w.NotifyApprover(context.Background(), service.ApprovalNotice{Approver: "bob", Request: "r-1"})
+	if err == nil {
+		t.Fatal("delivery to a closed port succeeded")
+	}
+	if strings.Contains(err.Error(), "T0K3N") || strings.Contains(err.Error(), "s3cr3t") || !strings.Contains(err.Error(), addr) {
+		t.Errorf("error %q: want the host only, never the path or query", err)
 	}
 }
