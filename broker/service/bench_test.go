@@ -5,55 +5,16 @@ import (
 	"crypto/ed25519"
 	"crypto/rand"
 	"fmt"
-	"path/filepath"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/pinhole-dev/pinhole/broker/service"
 	"github.com/pinhole-dev/pinhole/internal/audit"
-	"github.com/pinhole-dev/pinhole/internal/fido"
-	"github.com/pinhole-dev/pinhole/internal/policy"
 	"github.com/pinhole-dev/pinhole/internal/posture"
-	"github.com/pinhole-dev/pinhole/internal/sshca"
 	"github.com/pinhole-dev/pinhole/internal/store"
-	"github.com/pinhole-dev/pinhole/internal/store/sqlstore"
 	"github.com/pinhole-dev/pinhole/internal/wire"
 )
-
-// newBenchService builds a Service over the real SQLite store (WAL,
-// synchronous=FULL) in b.TempDir(), as the broker wires it. Nothing it
-// starts needs stopping but the store.
-func newBenchService(b *testing.B) (*service.Service, store.Store) {
-	b.Helper()
-	st, err := sqlstore.Open(b.Context(), filepath.Join(b.TempDir(), "pinhole.db"), nil)
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { st.Close() })
-	f, err := fido.New(fido.Config{RPID: "localhost", Origins: []string{"https://localhost:8443"}})
-	if err != nil {
-		b.Fatal(err)
-	}
-	userCA, err := sshca.NewKey(rand.Reader)
-	if err != nil {
-		b.Fatal(err)
-	}
-	hostCA, err := sshca.NewKey(rand.Reader)
-	if err != nil {
-		b.Fatal(err)
-	}
-	var pol atomic.Pointer[policy.Config]
-	pol.Store(&policy.Config{})
-	svc, err := service.New(service.Config{
-		Store: st, Policy: &pol, FIDO: f, UserCA: userCA, HostCA: hostCA,
-		PublicURL: "https://localhost:8443",
-	})
-	if err != nil {
-		b.Fatal(err)
-	}
-	return svc, st
-}
 
 // flowEvent is shaped like the flow.allowed event AuthorizeFlow writes for
 // every connection through the tunnel, the most frequent event there is.
@@ -74,7 +35,7 @@ func flowEvent(i int) audit.Event {
 // decisions are.
 func BenchmarkAuditAppend(b *testing.B) {
 	b.Run("serial", func(b *testing.B) {
-		svc, _ := newBenchService(b)
+		svc, _ := service.NewTestService(b)
 		ctx := context.Background()
 		i := 0
 		for b.Loop() {
@@ -86,7 +47,7 @@ func BenchmarkAuditAppend(b *testing.B) {
 		b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "events/s")
 	})
 	b.Run("parallel", func(b *testing.B) {
-		svc, _ := newBenchService(b)
+		svc, _ := service.NewTestService(b)
 		ctx := context.Background()
 		var n atomic.Int64
 		b.ResetTimer()
@@ -104,7 +65,7 @@ func BenchmarkAuditAppend(b *testing.B) {
 	// store, to show what the chain and SQLite cost without one fsync per
 	// event (the ceiling a group commit could reach).
 	b.Run("batch64", func(b *testing.B) {
-		_, st := newBenchService(b)
+		_, st := service.NewTestService(b)
 		ctx := context.Background()
 		const batch = 64
 		i := 0
@@ -171,7 +132,7 @@ func benchDevices(b *testing.B, st store.Store, n int) ([]store.Device, []ed2551
 // over 16 devices. Signing is the agent's work and is not timed; the HTTP
 // layer in front of the service is not included.
 func BenchmarkPostureIngest(b *testing.B) {
-	svc, st := newBenchService(b)
+	svc, st := service.NewTestService(b)
 	devs, keys := benchDevices(b, st, 16)
 	ctx := context.Background()
 	i := 0

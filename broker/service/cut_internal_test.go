@@ -18,33 +18,36 @@ import (
 	"github.com/pinhole-dev/pinhole/internal/wgkey"
 )
 
-// newTestService builds a Service over the real SQLite store in t.TempDir().
-func newTestService(t *testing.T) *Service {
-	t.Helper()
-	st, err := sqlstore.Open(t.Context(), filepath.Join(t.TempDir(), "pinhole.db"), nil)
+// newTestService builds a Service over the real SQLite store (WAL,
+// synchronous=FULL) in tb.TempDir(), as the broker wires it, with an empty
+// policy. Nothing it starts needs stopping but the store, which tb's cleanup
+// closes.
+func newTestService(tb testing.TB) (*Service, store.Store) {
+	tb.Helper()
+	st, err := sqlstore.Open(tb.Context(), filepath.Join(tb.TempDir(), "pinhole.db"), nil)
 	if err != nil {
-		t.Fatal(err)
+		tb.Fatal(err)
 	}
-	t.Cleanup(func() { st.Close() })
+	tb.Cleanup(func() { st.Close() })
 	f, err := fido.New(fido.Config{RPID: "localhost", Origins: []string{"https://localhost:8443"}})
 	if err != nil {
-		t.Fatal(err)
+		tb.Fatal(err)
 	}
 	userCA, err := sshca.NewKey(rand.Reader)
 	if err != nil {
-		t.Fatal(err)
+		tb.Fatal(err)
 	}
 	hostCA, err := sshca.NewKey(rand.Reader)
 	if err != nil {
-		t.Fatal(err)
+		tb.Fatal(err)
 	}
 	var pol atomic.Pointer[policy.Config]
 	pol.Store(&policy.Config{})
 	svc, err := New(Config{Store: st, Policy: &pol, FIDO: f, UserCA: userCA, HostCA: hostCA, PublicURL: "https://localhost:8443"})
 	if err != nil {
-		t.Fatal(err)
+		tb.Fatal(err)
 	}
-	return svc
+	return svc, st
 }
 
 // fakeGateway records peer and flow changes.
@@ -88,7 +91,7 @@ func (c *blockingCutter) EndGrant(id, _ string) int {
 // handed to another grant, even while its sessions are still being told why
 // (invariants 1 and 6); the peer goes and the flows close after the goodbye.
 func TestCutRefusesNewFlowsBeforeGoodbye(t *testing.T) {
-	s := newTestService(t)
+	s, _ := newTestService(t)
 	ctx := t.Context()
 	gw := &fakeGateway{}
 	cut := &blockingCutter{entered: make(chan string, 1), release: make(chan struct{})}

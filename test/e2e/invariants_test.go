@@ -85,6 +85,14 @@ func (p *rawPeer) dial(dst string, timeout time.Duration) (net.Conn, error) {
 // grantFor enrolls alice, has bob approve a request for target and activates
 // it with keys the test holds.
 func grantFor(t *testing.T, e *env, target string) (wire.Activation, wgkey.Private, *client.Client, wire.Request) {
+	act, priv, _, dc, req := grantWithKeys(t, e, target)
+	return act, priv, dc, req
+}
+
+// grantWithKeys is grantFor that also returns the SSH key the grant's
+// certificate certifies.
+func grantWithKeys(t *testing.T, e *env, target string) (wire.Activation, wgkey.Private, ssh.Signer, *client.Client, wire.Request) {
+	t.Helper()
 	alice := e.invite("alice", "dba")
 	bob := e.invite("bob", "approver")
 	dc := e.deviceClient(e.enroll(alice))
@@ -94,13 +102,19 @@ func grantFor(t *testing.T, e *env, target string) (wire.Activation, wgkey.Priva
 	}
 	e.approve(req.ID, bob)
 	waitGranted(t, e.ctx, dc, req.ID)
-	priv, _ := wgkey.NewPrivate(nil)
-	sk, _ := sshca.NewKey(nil)
+	priv, err := wgkey.NewPrivate(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sk, err := sshca.NewKey(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
 	act, err := dc.Activate(e.ctx, req.ID, wire.ActivateRequest{WireGuardPublicKey: priv.Public().String(), SSHPublicKey: sshca.AuthorizedKey(sk.PublicKey())})
 	if err != nil {
 		t.Fatal(err)
 	}
-	return act, priv, dc, req
+	return act, priv, sk, dc, req
 }
 
 // TestInvariant01NoFlowBeyondGrant: through a granted peer, only the granted

@@ -14,37 +14,8 @@ import (
 	"github.com/pinhole-dev/pinhole/internal/audit"
 	"github.com/pinhole-dev/pinhole/internal/client"
 	"github.com/pinhole-dev/pinhole/internal/sshca"
-	"github.com/pinhole-dev/pinhole/internal/wgkey"
 	"github.com/pinhole-dev/pinhole/internal/wire"
 )
-
-// grantWithSSHKey activates a grant to target for a fresh device of alice,
-// approved by bob, and returns the activation, its keys and the request ID.
-func grantWithSSHKey(t *testing.T, e *env, target string) (wire.Activation, wgkey.Private, ssh.Signer) {
-	t.Helper()
-	alice := e.invite("alice", "dba")
-	bob := e.invite("bob", "approver")
-	dc := e.deviceClient(e.enroll(alice))
-	req, err := dc.CreateRequest(e.ctx, wire.CreateRequest{Target: target, TTL: "5m", Reason: "INC-8 bytes"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	e.approve(req.ID, bob)
-	waitGranted(t, e.ctx, dc, req.ID)
-	priv, err := wgkey.NewPrivate(nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	sk, err := sshca.NewKey(nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	act, err := dc.Activate(e.ctx, req.ID, wire.ActivateRequest{WireGuardPublicKey: priv.Public().String(), SSHPublicKey: sshca.AuthorizedKey(sk.PublicKey())})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return act, priv, sk
-}
 
 // TestInvariant08AuditSurvivesStrayBytes: bytes that are not UTF-8 in what a
 // grant holder sends (an SSH exec command, the key ID of a self-made
@@ -54,7 +25,7 @@ func grantWithSSHKey(t *testing.T, e *env, target string) (wire.Activation, wgke
 // checkpoints for good.)
 func TestInvariant08AuditSurvivesStrayBytes(t *testing.T) {
 	e := newEnv(t)
-	act, priv, sk := grantWithSSHKey(t, e, "db-prod")
+	act, priv, sk, _, _ := grantWithKeys(t, e, "db-prod")
 	if _, err := e.b.Service().Checkpoint(e.ctx); err != nil {
 		t.Fatalf("checkpoint before: %v", err)
 	}
