@@ -364,7 +364,7 @@ func (s *Server) inviteUser(w http.ResponseWriter, r *http.Request, c caller) {
 		writeError(w, http.StatusBadRequest, "bad_request", err.Error())
 		return
 	}
-	out, err := s.svc.InviteUser(r.Context(), c.user, in.Name, in.Role)
+	out, err := s.svc.RequestInvite(r.Context(), c.user, c.dev, in.Name, in.Role)
 	if err != nil {
 		WriteServiceError(w, s.log, err)
 		return

@@ -70,7 +70,9 @@ func (s *Service) reinviteUnregistered(ctx context.Context, name string) (wire.I
 	return wire.Invite{User: name, URL: s.link("invite", token), ExpiresAt: exp}, nil
 }
 
-// InviteUser lets an admin create a user with a role and an invite link.
+// InviteUser creates a user with a role and an invite link at once, for
+// callers that already hold the broker (in-process tools and tests). Admins
+// on the API go through RequestInvite, which waits for their security key.
 func (s *Service) InviteUser(ctx context.Context, actor store.User, name, role string) (wire.Invite, error) {
 	if actor.Role != RoleAdmin {
 		return wire.Invite{}, errorf(KindForbidden, "only an admin may invite users")
@@ -79,8 +81,22 @@ func (s *Service) InviteUser(ctx context.Context, actor store.User, name, role s
 }
 
 func (s *Service) invite(ctx context.Context, actor, name, role string) (wire.Invite, error) {
+	if err := s.checkInvitee(name, role); err != nil {
+		return wire.Invite{}, err
+	}
+	var out wire.Invite
+	err := s.cfg.Store.Update(ctx, func(tx store.Tx) error {
+		var err error
+		out, err = s.inviteTx(ctx, tx, actor, name, role, nil)
+		return err
+	})
+	return out, err
+}
+
+// checkInvitee checks a new user's name and role.
+func (s *Service) checkInvitee(name, role string) error {
 	if !nameRE.MatchString(name) {
-		return wire.Invite{}, errorf(KindBadInput, "user name %q: use 1-63 lower-case letters, digits, '.', '_' or '-', starting with a letter", name)
+		return errorf(KindBadInput, "user name %q: use 1-63 lower-case letters, digits, '.', '_' or '-', starting with a letter", name)
 	}
 	if role != RoleAdmin {
 		known := false
@@ -88,9 +104,15 @@ func (s *Service) invite(ctx context.Context, actor, name, role string) (wire.In
 			known = known || r.Name == role
 		}
 		if !known {
-			return wire.Invite{}, errorf(KindBadInput, "role %q is not defined in the config", role)
+			return errorf(KindBadInput, "role %q is not defined in the config", role)
 		}
 	}
+	return nil
+}
+
+// inviteTx creates user name with role and their invite link in tx, and
+// audits it with extra details.
+func (s *Service) inviteTx(ctx context.Context, tx store.Tx, actor, name, role string, extra map[string]string) (wire.Invite, error) {
 	handle := make([]byte, 32)
 	if _, err := io.ReadFull(s.rand, handle); err != nil {
 		return wire.Invite{}, fmt.Errorf("generating user handle: %w", err)
@@ -101,19 +123,20 @@ func (s *Service) invite(ctx context.Context, actor, name, role string) (wire.In
 	}
 	now := s.now()
 	exp := now.Add(s.cfg.InviteTTL)
-	err = s.cfg.Store.Update(ctx, func(tx store.Tx) error {
-		if err := tx.CreateUser(ctx, store.User{Name: name, Role: role, WebAuthnID: handle, CreatedAt: now}); err != nil {
-			if errors.Is(err, store.ErrConflict) {
-				return errorf(KindConflict, "user %s already exists", name)
-			}
-			return err
+	if err := tx.CreateUser(ctx, store.User{Name: name, Role: role, WebAuthnID: handle, CreatedAt: now}); err != nil {
+		if errors.Is(err, store.ErrConflict) {
+			return wire.Invite{}, errorf(KindConflict, "user %s already exists", name)
 		}
-		if err := tx.PutToken(ctx, store.Token{Hash: hash, Kind: store.TokenInvite, User: name, CreatedAt: now, ExpiresAt: exp}); err != nil {
-			return err
-		}
-		return s.record(ctx, tx, audit.Event{Type: audit.TypeUserInvited, Actor: actor, Details: map[string]string{"user": name, "role": role}})
-	})
-	if err != nil {
+		return wire.Invite{}, err
+	}
+	if err := tx.PutToken(ctx, store.Token{Hash: hash, Kind: store.TokenInvite, User: name, CreatedAt: now, ExpiresAt: exp}); err != nil {
+		return wire.Invite{}, err
+	}
+	details := map[string]string{"user": name, "role": role}
+	for k, v := range extra {
+		details[k] = v
+	}
+	if err := s.record(ctx, tx, audit.Event{Type: audit.TypeUserInvited, Actor: actor, Details: details}); err != nil {
 		return wire.Invite{}, err
 	}
 	return wire.Invite{User: name, URL: s.link("invite", token), ExpiresAt: exp}, nil

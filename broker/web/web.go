@@ -1,6 +1,6 @@
 // Package web serves the pages people open from links: invite (register a
-// security key), enroll (confirm a workstation) and grant (approve or deny a
-// request). Pages are html/template with a strict CSP and one static script;
+// security key), admin/invite (an admin confirms an invite they asked for),
+// enroll (confirm a workstation) and grant (approve or deny a request). Pages are html/template with a strict CSP and one static script;
 // every state-changing POST is behind http.CrossOriginProtection, and guessing
 // link tokens is rate-limited per client address.
 package web
@@ -55,6 +55,9 @@ func New(svc *service.Service, log *slog.Logger) (*Server, error) {
 	mux.HandleFunc("GET /enroll/{token}", s.enrollPage)
 	mux.HandleFunc("POST /enroll/{token}/begin", s.enrollBegin)
 	mux.HandleFunc("POST /enroll/{token}/finish", s.enrollFinish)
+	mux.HandleFunc("GET /admin/invite/{token}", s.inviteConfirmPage)
+	mux.HandleFunc("POST /admin/invite/{token}/begin", s.inviteConfirmBegin)
+	mux.HandleFunc("POST /admin/invite/{token}/finish", s.inviteConfirmFinish)
 	mux.HandleFunc("GET /grant/{token}", s.grantPage)
 	mux.HandleFunc("POST /grant/{token}/begin", s.grantBegin)
 	mux.HandleFunc("POST /grant/{token}/finish", s.grantFinish)
@@ -252,4 +255,39 @@ func (s *Server) grantFinish(w http.ResponseWriter, r *http.Request) {
 	}
 	b2, _ := json.Marshal(out)
 	writeRaw(w, b2)
+}
+
+func (s *Server) inviteConfirmPage(w http.ResponseWriter, r *http.Request) {
+	v, err := s.svc.ConfirmInviteInfo(r.Context(), r.PathValue("token"))
+	if err != nil {
+		s.errorPage(w, r, err)
+		return
+	}
+	s.page(w, http.StatusOK, "inviteconfirm", map[string]any{"Title": "confirm invite", "View": v})
+}
+
+func (s *Server) inviteConfirmBegin(w http.ResponseWriter, r *http.Request) {
+	if _, ok := s.body(w, r); !ok {
+		return
+	}
+	opts, err := s.svc.BeginInviteConfirm(r.Context(), r.PathValue("token"))
+	if err != nil {
+		s.jsonError(w, r, err)
+		return
+	}
+	writeRaw(w, opts)
+}
+
+func (s *Server) inviteConfirmFinish(w http.ResponseWriter, r *http.Request) {
+	b, ok := s.body(w, r)
+	if !ok {
+		return
+	}
+	inv, err := s.svc.FinishInviteConfirm(r.Context(), r.PathValue("token"), b.Credential)
+	if err != nil {
+		s.jsonError(w, r, err)
+		return
+	}
+	out, _ := json.Marshal(inv)
+	writeRaw(w, out)
 }

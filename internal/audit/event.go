@@ -32,6 +32,7 @@ const GenesisHash = "00000000000000000000000000000000000000000000000000000000000
 // interpret Type.
 const (
 	TypeUserInvited          = "user.invited"
+	TypeInviteRequested      = "invite.requested"
 	TypeCredentialRegistered = "credential.registered"
 	TypeDeviceEnrolled       = "device.enrolled"
 	TypeDeviceConfirmed      = "device.confirmed"

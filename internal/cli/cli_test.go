@@ -134,7 +134,7 @@ func (f *fakeAgent) handler() http.Handler {
 			writeJSON(w, 400, wire.Error{Error: "unknown role " + req.Role, Code: "bad_request"})
 			return
 		}
-		writeJSON(w, 200, wire.Invite{User: req.Name, URL: "https://broker:8443/invite/tok", ExpiresAt: expires})
+		writeJSON(w, 200, wire.Invite{User: req.Name, ConfirmURL: "https://broker:8443/admin/invite/tok", ExpiresAt: expires})
 	})
 	mux.HandleFunc("GET /v1/audit/checkpoint", func(w http.ResponseWriter, r *http.Request) {
 		if f.checkpoint == nil {
@@ -452,7 +452,7 @@ func TestCommands(t *testing.T) {
 		{
 			name:    "ok/admin-user-add",
 			args:    []string{"--agent", std, "admin", "user", "add", "bob", "--role", "dba"},
-			wantOut: "invite for bob (role dba), valid until 2026-05-01 12:45:00 UTC:\n  https://broker:8443/invite/tok\n",
+			wantOut: "confirm the invite for bob (role dba) with your security key, by 2026-05-01 12:45:00 UTC:\n  https://broker:8443/admin/invite/tok\nthat page then shows bob's one-time invite link\n",
 		},
 		{
 			name:       "err/admin-bad-role",

@@ -143,12 +143,12 @@ func TestMethods(t *testing.T) {
 		},
 		{
 			name:   "ok/invite",
-			answer: `{"user":"bob","url":"https://b/i/x"}`,
+			answer: `{"user":"bob","confirm_url":"https://b/admin/invite/x"}`,
 			call: func(ctx context.Context, c *Client) (any, error) {
 				return c.InviteUser(ctx, wire.InviteUser{Name: "bob", Role: "dba"})
 			},
 			want: seen{Method: "POST", Path: "/v1/admin/users", Body: `{"name":"bob","role":"dba"}`},
-			got:  wire.Invite{User: "bob", URL: "https://b/i/x"},
+			got:  wire.Invite{User: "bob", ConfirmURL: "https://b/admin/invite/x"},
 		},
 		{
 			name:   "ok/audit",

@@ -56,6 +56,10 @@ const (
 	TokenInvite = "invite" // registers a user's first credential
 	TokenDevice = "device" // confirms a device enrollment
 	TokenGrant  = "grant"  // one approver's grant link for one request
+	// TokenInviteConfirm is an admin's invite waiting for that admin's
+	// security key: User is the invitee, Role their role, Device the
+	// admin's device the invite was asked from.
+	TokenInviteConfirm = "invite-confirm"
 )
 
 // Token is a single-use link. Only the SHA-256 of the secret is stored.
@@ -65,6 +69,7 @@ type Token struct {
 	User      string // invitee, device owner, or approver
 	Device    string
 	Request   string
+	Role      string // the invitee's role (TokenInviteConfirm)
 	CreatedAt time.Time
 	ExpiresAt time.Time
 	UsedAt    time.Time

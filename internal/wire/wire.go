@@ -26,7 +26,7 @@ const (
 	PathEvents        = "/v1/events"               // GET ?after=SEQ&wait=25s -> Events (long-poll, device scoped)
 	PathActivate      = "/v1/grants/{id}/activate" // POST ActivateRequest -> Activation
 	PathRevoke        = "/v1/grants/{id}/revoke"   // POST RevokeRequest -> Request
-	PathAdminUsers    = "/v1/admin/users"          // POST InviteUser -> Invite (admin role)
+	PathAdminUsers    = "/v1/admin/users"          // POST InviteUser -> Invite with ConfirmURL (admin role)
 	PathAuditEvents   = "/v1/audit/events"         // GET ?after=SEQ&limit=N -> AuditPage (admin role)
 	PathAuditCheckpt  = "/v1/audit/checkpoint"     // GET -> Checkpoint, the newest signed one (admin role)
 	PathRecordings    = "/v1/recordings"           // GET -> []Recording
@@ -189,11 +189,16 @@ type InviteUser struct {
 	Role string `json:"role"`
 }
 
-// Invite is a one-time registration link.
+// Invite is a one-time registration link, or, for an admin's request, the
+// link the admin confirms it with first.
 type Invite struct {
-	User      string    `json:"user"`
-	URL       string    `json:"url"`
-	ExpiresAt time.Time `json:"expires_at"`
+	User string `json:"user"`
+	// URL is the invitee's registration link; empty until confirmed.
+	URL string `json:"url,omitempty"`
+	// ConfirmURL is where the admin confirms the invite with their security
+	// key; that page then shows URL. Empty once confirmed.
+	ConfirmURL string    `json:"confirm_url,omitempty"`
+	ExpiresAt  time.Time `json:"expires_at"`
 }
 
 // AuditPage is a page of audit events (package audit's Event encoding).

@@ -258,7 +258,12 @@ func (d *demo) run(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		if err := people[u[0]].Register(ctx, urlRE.FindString(out)); err != nil {
+		inv, err := people["ada"].ConfirmInvite(ctx, urlRE.FindString(out))
+		if err != nil {
+			return fmt.Errorf("ada confirming the invite of %s: %w", u[0], err)
+		}
+		d.note("ada confirmed with her security key; the page shows %s's invite link", u[0])
+		if err := people[u[0]].Register(ctx, inv.URL); err != nil {
 			return fmt.Errorf("%s registering: %w", u[0], err)
 		}
 		d.note("%s registered a security key", u[0])

@@ -8,6 +8,7 @@ import (
 	"encoding/pem"
 	"fmt"
 	"os"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -21,6 +22,7 @@ import (
 
 	"github.com/pinhole-dev/pinhole/internal/store"
 	"github.com/pinhole-dev/pinhole/internal/wire"
+	"github.com/pinhole-dev/pinhole/test/harness"
 )
 
 // chromiumPath is Debian's Chromium (package chromium; .ci/run installs it).
@@ -433,4 +435,54 @@ func (b *browser) rows() map[string]string {
 		b.t.Fatalf("reading the table: %v", err)
 	}
 	return rows
+}
+
+// TestBrowserAdminConfirmsInvite: admin ada, whose security key lives in
+// Chromium, confirms her workstation and then an invite she asked for from
+// it; the confirmation page names who is invited, with which role, by whom
+// and from where, and once she touches her key it shows the invite link,
+// which then registers the new user.
+func TestBrowserAdminConfirmsInvite(t *testing.T) {
+	requireTool(t, chromiumPath)
+	e := newEnv(t)
+	br := newBrowser(t, e.caFile)
+
+	first, err := e.b.Service().InviteUser(e.ctx, store.User{Name: "root", Role: "admin"}, "ada", "admin")
+	if err != nil {
+		t.Fatal(err)
+	}
+	br.open(first.URL)
+	br.click(`button[data-action="register"]`)
+	state := e.enrollWith("ada", func(link string) {
+		br.open(link)
+		if got := br.click(`button[data-action="confirm"]`); !strings.Contains(got, "confirmed") {
+			t.Fatalf("after confirming the workstation, status %q", got)
+		}
+	})
+	br.requireClean("enroll page")
+
+	inv, err := e.deviceClient(state).InviteUser(e.ctx, wire.InviteUser{Name: "carol", Role: "approver"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	br.open(inv.ConfirmURL)
+	rows := br.rows()
+	for _, c := range []struct{ row, want string }{{"new user", "carol"}, {"role", "approver"}, {"asked by", "ada"}} {
+		if got := rows[c.row]; got != c.want {
+			t.Errorf("invite confirmation row %q: got %q, want %q", c.row, got, c.want)
+		}
+	}
+	got := br.click(`button[data-action="confirm"]`)
+	link := regexp.MustCompile(`https://\S+/invite/\S+`).FindString(got)
+	if link == "" {
+		t.Fatalf("after confirming, status %q shows no invite link", got)
+	}
+	br.requireClean("invite confirmation page")
+	carol, err := harness.NewPerson("carol", e.url, e.caFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := carol.Register(e.ctx, link); err != nil {
+		t.Fatalf("carol registering through the link the page showed: %v", err)
+	}
 }

@@ -199,18 +199,27 @@ func (e *env) invite(name, role string) *harness.Person {
 // returns its state dir.
 func (e *env) enroll(p *harness.Person) string {
 	e.t.Helper()
-	state := filepath.Join(e.dir, p.Name+"-ws")
+	return e.enrollWith(p.Name, func(link string) {
+		if _, err := p.ConfirmDevice(e.ctx, link); err != nil {
+			e.t.Fatalf("confirming device: %v", err)
+		}
+	})
+}
+
+// enrollWith enrolls a workstation for user, whose confirmation link
+// confirm handles, and returns its state dir.
+func (e *env) enrollWith(user string, confirm func(link string)) string {
+	e.t.Helper()
+	state := filepath.Join(e.dir, user+"-ws")
 	var out syncBuffer
 	done := make(chan error, 1)
 	go func() {
-		done <- agent.Enroll(e.ctx, agent.Config{StateDir: state, Collector: fixedPosture{}}, e.url, e.caFile, p.Name, &out)
+		done <- agent.Enroll(e.ctx, agent.Config{StateDir: state, Collector: fixedPosture{}}, e.url, e.caFile, user, &out)
 	}()
 	re := regexp.MustCompile(`https://\S+/enroll/\S+`)
 	var link string
 	waitUntil(e.t, 10*time.Second, "confirmation link", func() bool { link = re.FindString(out.String()); return link != "" })
-	if _, err := p.ConfirmDevice(e.ctx, link); err != nil {
-		e.t.Fatalf("confirming device: %v", err)
-	}
+	confirm(link)
 	select {
 	case err := <-done:
 		if err != nil {

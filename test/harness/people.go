@@ -22,6 +22,7 @@ import (
 	"time"
 
 	"github.com/pinhole-dev/pinhole/internal/fido/fidotest"
+	"github.com/pinhole-dev/pinhole/internal/wire"
 )
 
 // Person is someone with one security key and a browser.
@@ -137,22 +138,48 @@ func (p *Person) Register(ctx context.Context, link string) error {
 
 // ConfirmDevice opens a device-confirmation link and confirms with the key.
 func (p *Person) ConfirmDevice(ctx context.Context, link string) (Page, error) {
+	pg, _, err := p.confirm(ctx, link)
+	return pg, err
+}
+
+// ConfirmInvite opens the invite-confirmation link an admin was given by
+// `pinhole admin user add`, confirms with the key and returns the invite the
+// page then shows.
+func (p *Person) ConfirmInvite(ctx context.Context, link string) (wire.Invite, error) {
+	_, out, err := p.confirm(ctx, link)
+	if err != nil {
+		return wire.Invite{}, err
+	}
+	var inv wire.Invite
+	if err := json.Unmarshal(out, &inv); err != nil || inv.URL == "" {
+		return wire.Invite{}, fmt.Errorf("invite confirmation answered %q", out)
+	}
+	return inv, nil
+}
+
+// confirm runs a confirmation page's assertion and returns the page and the
+// finish answer.
+func (p *Person) confirm(ctx context.Context, link string) (Page, []byte, error) {
 	pg, err := p.Open(ctx, link)
 	if err != nil || pg.Status != http.StatusOK {
-		return pg, fmt.Errorf("confirmation page: status %d: %v", pg.Status, err)
+		if err == nil {
+			err = &HTTPError{Status: pg.Status, Msg: TextOf(pg.Body)}
+		}
+		return pg, nil, fmt.Errorf("confirmation page: %w", err)
 	}
 	opts, err := p.post(ctx, link+"/begin", struct{}{})
 	if err != nil {
-		return pg, fmt.Errorf("starting confirmation: %w", err)
+		return pg, nil, fmt.Errorf("starting confirmation: %w", err)
 	}
 	resp, err := p.Key.Assert(opts)
 	if err != nil {
-		return pg, fmt.Errorf("security key: %w", err)
+		return pg, nil, fmt.Errorf("security key: %w", err)
 	}
-	if _, err := p.post(ctx, link+"/finish", map[string]json.RawMessage{"credential": resp}); err != nil {
-		return pg, fmt.Errorf("finishing confirmation: %w", err)
+	out, err := p.post(ctx, link+"/finish", map[string]json.RawMessage{"credential": resp})
+	if err != nil {
+		return pg, nil, fmt.Errorf("finishing confirmation: %w", err)
 	}
-	return pg, nil
+	return pg, out, nil
 }
 
 var viewRE = regexp.MustCompile(`data-view="([0-9a-f]{64})"`)

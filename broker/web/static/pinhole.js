@@ -40,6 +40,9 @@ async function run(btn) {
     let msg;
     if (page.kind === "invite") {
       msg = await register(base);
+    } else if (page.kind === "inviteconfirm") {
+      const inv = await assertWith(base, {});
+      msg = "Invite confirmed. Send this one-time link to " + inv.user + " (valid until " + inv.expires_at + "): " + inv.url;
     } else if (page.kind === "enroll") {
       await assertWith(base, {});
       msg = "Workstation confirmed. You can close this page.";

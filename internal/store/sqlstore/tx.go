@@ -142,15 +142,15 @@ func (t *txn) Credentials(ctx context.Context, user string) ([]store.Credential,
 // Tokens and ceremonies.
 
 func (t *txn) PutToken(ctx context.Context, k store.Token) error {
-	return t.exec(ctx, "storing token", `INSERT INTO tokens(hash, kind, user_name, device, request, created_at, expires_at, used_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)`,
-		k.Hash, k.Kind, k.User, k.Device, k.Request, ts(k.CreatedAt), ts(k.ExpiresAt), ts(k.UsedAt))
+	return t.exec(ctx, "storing token", `INSERT INTO tokens(hash, kind, user_name, device, request, role, created_at, expires_at, used_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+		k.Hash, k.Kind, k.User, k.Device, k.Request, k.Role, ts(k.CreatedAt), ts(k.ExpiresAt), ts(k.UsedAt))
 }
 
 func (t *txn) Token(ctx context.Context, hash string) (store.Token, error) {
 	var k store.Token
 	var c, e, u int64
-	err := t.tx.QueryRowContext(ctx, `SELECT hash, kind, user_name, device, request, created_at, expires_at, used_at FROM tokens WHERE hash = ?`, hash).
-		Scan(&k.Hash, &k.Kind, &k.User, &k.Device, &k.Request, &c, &e, &u)
+	err := t.tx.QueryRowContext(ctx, `SELECT hash, kind, user_name, device, request, role, created_at, expires_at, used_at FROM tokens WHERE hash = ?`, hash).
+		Scan(&k.Hash, &k.Kind, &k.User, &k.Device, &k.Request, &k.Role, &c, &e, &u)
 	if err != nil {
 		return store.Token{}, notFound(err, "link")
 	}

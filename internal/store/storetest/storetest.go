@@ -232,7 +232,7 @@ func testCredentials(t *testing.T, s store.Store) {
 
 func testTokens(t *testing.T, s store.Store) {
 	tok := store.Token{
-		Hash: strings.Repeat("ab", 32), Kind: store.TokenGrant, User: "bob", Device: "dev-1", Request: "req-1",
+		Hash: strings.Repeat("ab", 32), Kind: store.TokenGrant, User: "bob", Device: "dev-1", Request: "req-1", Role: "dba",
 		CreatedAt: T0, ExpiresAt: T0.Add(time.Hour),
 	}
 	update(t, s, func(ctx context.Context, tx store.Tx) error { return tx.PutToken(ctx, tok) })
