@@ -190,3 +190,27 @@ func TestCompleteUTF8(t *testing.T) {
 		}
 	}
 }
+
+func TestIsSCPServer(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		command string
+		want    bool
+	}{
+		{"scp -t /tmp/x", true},
+		{"scp -f /etc/passwd", true},
+		{"scp -v -r -p -d -t -- /tmp", true},
+		{"/usr/bin/scp -rt /tmp", true},
+		{"scp -- -t", false},
+		{"scp x y", false},
+		{"echo scp -t", false},
+		{"scpx -t", false},
+		{"ls -t", false},
+		{"", false},
+	}
+	for _, tt := range tests {
+		if got := isSCPServer(tt.command); got != tt.want {
+			t.Errorf("isSCPServer(%q) = %v, want %v", tt.command, got, tt.want)
+		}
+	}
+}

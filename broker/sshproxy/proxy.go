@@ -155,10 +155,11 @@ type Config struct {
 	Clock func() time.Time
 	// Logger receives operational logs; nil discards them.
 	Logger *slog.Logger
-	// UnrecordedSFTP lets the sftp subsystem through. Its bytes are relayed
-	// but no recording is made (only session.started and session.ended
-	// are audited), so this is a fail-open choice: false, the default,
-	// refuses every subsystem.
+	// UnrecordedSFTP lets file transfers through: the sftp subsystem and
+	// scp's server side (exec `scp -t`/`scp -f`). Their bytes are relayed
+	// but not recorded (only session.started and session.ended are
+	// audited), so this is a fail-open choice: false, the default, refuses
+	// every subsystem and scp.
 	UnrecordedSFTP bool
 	// CheckGrant returns nil while the grant is active. It is called at
 	// authentication and at the start of every session. Required.

@@ -214,8 +214,8 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 	}
 }
 
-// TestSFTPRefusedByDefault checks that SFTP, which is not recorded, is
-// refused unless Config.UnrecordedSFTP says otherwise.
+// TestSFTPRefusedByDefault checks that SFTP and scp, which are not
+// recorded, are refused unless Config.UnrecordedSFTP says otherwise.
 func TestSFTPRefusedByDefault(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, envOptions{})
@@ -227,6 +227,15 @@ func TestSFTPRefusedByDefault(t *testing.T) {
 	defer ch.Close()
 	if ok, err := ch.SendRequest("subsystem", true, ssh.Marshal(&struct{ Name string }{"sftp"})); err != nil || ok {
 		t.Errorf("sftp subsystem: ok=%v err=%v, want refused", ok, err)
+	}
+	// scp's server side is the other unrecorded file transfer.
+	ch2, _, err := c.OpenChannel("session", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ch2.Close()
+	if ok, err := ch2.SendRequest("exec", true, ssh.Marshal(&struct{ Command string }{"scp -t /tmp/upload"})); err != nil || ok {
+		t.Errorf("exec scp -t: ok=%v err=%v, want refused", ok, err)
 	}
 	if n := e.recs.count(); n != 0 {
 		t.Errorf("%d recordings opened, want none", n)

@@ -7,7 +7,9 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"path"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"unicode/utf8"
@@ -232,6 +234,10 @@ func (s *session) handleRequest(req *gossh.Request, started bool) (ok, start boo
 	case "exec":
 		var m struct{ Command string }
 		if started || gossh.Unmarshal(req.Payload, &m) != nil || m.Command == "" || len(m.Command) > maxCommandLen {
+			return false, false
+		}
+		if isSCPServer(m.Command) && !s.c.p.cfg.UnrecordedSFTP {
+			s.log.Info("scp refused: file transfers are not recorded", "command", m.Command)
 			return false, false
 		}
 		s.kind, s.command = KindExec, m.Command
@@ -613,4 +619,23 @@ func encodeModes(m gossh.TerminalModes) string {
 		}
 	}
 	return string(append(b, 0))
+}
+
+// isSCPServer reports whether an exec command starts scp's server side
+// (`scp -t` to receive, `scp -f` to send), which the scp client runs on the
+// target. Its file bytes are not recorded, so it is refused like SFTP.
+func isSCPServer(command string) bool {
+	f := strings.Fields(command)
+	if len(f) == 0 || path.Base(f[0]) != "scp" {
+		return false
+	}
+	for _, a := range f[1:] {
+		if a == "--" || !strings.HasPrefix(a, "-") {
+			break
+		}
+		if strings.ContainsAny(a[1:], "tf") {
+			return true
+		}
+	}
+	return false
 }
