@@ -4,6 +4,7 @@ import (
 	"crypto/rand"
 	"net/netip"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -103,6 +104,7 @@ func TestCutRefusesNewFlowsBeforeGoodbye(t *testing.T) {
 	}
 	first := s.cfg.TunnelPrefix.Masked().Addr().Next().Next()
 	dst := netip.MustParseAddrPort("127.0.0.1:22")
+	s.cfg.Policy.Store(&policy.Config{Targets: []policy.Target{{Name: "db-prod", Address: "db.internal:22", Protocol: policy.ProtocolSSH, TunnelIP: dst.Addr()}}})
 	g := LiveGrant{Request: "r-1", Device: "d-1", User: "alice", Target: "db-prod", TunnelAddr: first, Dst: dst,
 		Ends: s.now().Add(time.Hour), WGPublic: priv.Public()}
 	s.flows.put(g)
@@ -148,5 +150,35 @@ func TestCutRefusesNewFlowsBeforeGoodbye(t *testing.T) {
 	}
 	if s.flows.inUse(first) {
 		t.Errorf("address %s still held after the cut finished", first)
+	}
+}
+
+// TestFlowRefusedWhenTargetChanged: a live grant's flows are refused (and
+// audited as flow.denied) once its target is removed from the config or
+// points elsewhere.
+func TestFlowRefusedWhenTargetChanged(t *testing.T) {
+	s, _ := newTestService(t)
+	dst := netip.MustParseAddrPort("100.127.0.1:22")
+	src := netip.AddrPortFrom(s.cfg.TunnelPrefix.Masked().Addr().Next().Next(), 40000)
+	s.flows.put(LiveGrant{Request: "r-1", Target: "db-prod", TunnelAddr: src.Addr(), Dst: dst, Ends: s.now().Add(time.Hour)})
+	tests := []struct {
+		name    string
+		targets []policy.Target
+		wantErr string
+	}{
+		{"ok/unchanged", []policy.Target{{Name: "db-prod", Address: "db:22", TunnelIP: dst.Addr()}}, ""},
+		{"deny/removed", nil, "no longer configured"},
+		{"deny/other port", []policy.Target{{Name: "db-prod", Address: "db:2222", TunnelIP: dst.Addr()}}, "has changed"},
+		{"deny/other tunnel ip", []policy.Target{{Name: "db-prod", Address: "db:22", TunnelIP: netip.MustParseAddr("100.127.0.9")}}, "has changed"},
+	}
+	for _, tt := range tests {
+		s.cfg.Policy.Store(&policy.Config{Targets: tt.targets})
+		_, err := s.AuthorizeFlow(t.Context(), src, dst)
+		switch {
+		case tt.wantErr == "" && err != nil:
+			t.Errorf("%s: refused: %v", tt.name, err)
+		case tt.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tt.wantErr)):
+			t.Errorf("%s: got %v, want a refusal saying %q", tt.name, err, tt.wantErr)
+		}
 	}
 }

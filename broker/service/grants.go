@@ -337,6 +337,8 @@ func (s *Service) AuthorizeFlow(ctx context.Context, src netip.AddrPort, dst net
 		why = "grant has ended"
 	case g.Dst != dst:
 		why = "destination not granted (grant allows " + g.Dst.String() + ")"
+	default:
+		why = s.targetChanged(g.Target, g.Dst)
 	}
 	e := audit.Event{Type: audit.TypeFlowAllowed, Src: src.String(), Details: map[string]string{"destination": dst.String()}}
 	if ok {
@@ -623,6 +625,15 @@ func (s *Service) Restore(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("stored peer key of %s: %w", a.Request, err)
 		}
+		// A grant is for a target as configured when it was issued: one whose
+		// target is gone or now points elsewhere ends rather than comes back.
+		if why := s.targetChanged(r.Target, a.Destination); why != "" {
+			s.log.Warn("not restoring grant", "request", a.Request, "reason", why)
+			if _, err := s.endGrant(ctx, a.Request, why+" after a broker restart", "broker", true); err != nil {
+				return fmt.Errorf("revoking grant %s: %w", a.Request, err)
+			}
+			continue
+		}
 		if gw != nil {
 			if err := gw.AddPeer(pub, a.TunnelAddr); err != nil {
 				// One bad peer must not keep the broker down: end that grant
@@ -638,4 +649,17 @@ func (s *Service) Restore(ctx context.Context) error {
 		s.log.Info("restored active grant", "request", a.Request, "ends", r.GrantEnds)
 	}
 	return nil
+}
+
+// targetChanged says why a grant issued for target with destination dst no
+// longer matches the config ("" when it still does).
+func (s *Service) targetChanged(target string, dst netip.AddrPort) string {
+	tg, ok := s.policy().Target(target)
+	if !ok {
+		return "target " + target + " is no longer configured"
+	}
+	if d, err := destination(tg); err != nil || d != dst {
+		return "target " + target + " has changed since the grant was issued"
+	}
+	return ""
 }

@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -163,5 +164,43 @@ func TestSecondAgentLeavesFirstAlone(t *testing.T) {
 	}
 	if _, err := local.LocalStatus(e.ctx); err != nil {
 		t.Fatalf("first agent hurt: %v", err)
+	}
+}
+
+// TestRestartEndsGrantsOfChangedTargets: a grant is for its target as it was
+// configured; when a restart finds the target's address changed, the grant
+// ends with that reason instead of coming back with its peer.
+func TestRestartEndsGrantsOfChangedTargets(t *testing.T) {
+	e := newEnv(t)
+	_, _, _, req := grantFor(t, e, "db-tcp")
+	if got := e.b.Gateway().Peers(); got != 1 {
+		t.Fatalf("peers before restart = %d, want 1", got)
+	}
+	e.stop()
+	b, err := os.ReadFile(e.cfg.ConfigFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	changed := strings.Replace(string(b), "  - name: db-tcp\n    address: "+e.echo+"\n", "  - name: db-tcp\n    address: 127.0.0.1:9\n", 1)
+	if changed == string(b) {
+		t.Fatal("test config has no db-tcp entry to change")
+	}
+	if err := os.WriteFile(e.cfg.ConfigFile, []byte(changed), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	e.startBroker()
+	if got := e.b.Gateway().Peers(); got != 0 {
+		t.Errorf("peers after restart = %d, want 0", got)
+	}
+	// The broker listens on a new port now: a fresh client for alice's device.
+	r, err := e.deviceClient(filepath.Join(e.dir, "alice-ws")).Request(e.ctx, req.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.State != "ended" || !strings.Contains(r.EndReason, "has changed") {
+		t.Errorf("after restart: state %q, reason %q; want ended because the target changed", r.State, r.EndReason)
+	}
+	if !hasEvent(e.auditEvents(), audit.TypeGrantEnded, req.ID) {
+		t.Error("no grant.ended event")
 	}
 }
