@@ -105,14 +105,18 @@ func Status(err error) (int, string) {
 // WriteServiceError answers with err's status; internal errors are logged
 // and hidden.
 func WriteServiceError(w http.ResponseWriter, log *slog.Logger, err error) {
+	if errors.Is(err, context.Canceled) {
+		// The client went away or the broker is shutting down: nobody to
+		// tell, nothing wrong.
+		log.Debug("request canceled", "err", err)
+		writeError(w, 499, "canceled", "request canceled")
+		return
+	}
 	status, code := Status(err)
 	msg := err.Error()
 	if status == http.StatusInternalServerError {
 		log.Error("internal error", "err", err)
 		msg = "internal error"
-	}
-	if errors.Is(err, context.Canceled) {
-		status, code, msg = 499, "canceled", "request canceled"
 	}
 	writeError(w, status, code, msg)
 }

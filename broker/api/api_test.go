@@ -139,8 +139,9 @@ func TestWriteServiceError(t *testing.T) {
 			wire.Error{Error: "this link was already used", Code: "conflict"}, false},
 		{"hidden/internal", fmt.Errorf("reading user: %w", errors.New("SQL logic error near secret_table")), http.StatusInternalServerError,
 			wire.Error{Error: "internal error", Code: "internal"}, true},
-		{"canceled", fmt.Errorf("waiting: %w", context.Canceled), 499,
-			wire.Error{Error: "request canceled", Code: "canceled"}, true},
+		// A client hanging up (or shutdown) is no error: debug only.
+		{"quiet/canceled", fmt.Errorf("waiting: %w", context.Canceled), 499,
+			wire.Error{Error: "request canceled", Code: "canceled"}, false},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
