@@ -108,8 +108,8 @@ func refusal(r *Rule, in Input) string {
 		return "a reason is required"
 	case len(in.Reason) > MaxReasonLen:
 		return fmt.Sprintf("reason is %d bytes, the limit is %d", len(in.Reason), MaxReasonLen)
-	case in.TTL <= 0:
-		return "requested duration must be positive"
+	case in.TTL < MinDuration:
+		return fmt.Sprintf("requested duration must be at least %s", fmtDuration(MinDuration))
 	case in.TTL > r.MaxTTL:
 		return fmt.Sprintf("requested %s exceeds max %s of rule %s", fmtDuration(in.TTL), fmtDuration(r.MaxTTL), r.Name)
 	}

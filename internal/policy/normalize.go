@@ -214,8 +214,8 @@ func (c *Config) normalizeRules() error {
 		switch {
 		case r.MaxTTL == 0:
 			return fail("max_ttl", "is required (like 1h)")
-		case r.MaxTTL < 0:
-			return fail("max_ttl", "must be positive, got %s", fmtDuration(r.MaxTTL))
+		case r.MaxTTL < MinDuration:
+			return fail("max_ttl", "must be at least %s, got %s", fmtDuration(MinDuration), fmtDuration(r.MaxTTL))
 		case r.MaxTTL > MaxTTL:
 			return fail("max_ttl", "%s exceeds the limit of %s", fmtDuration(r.MaxTTL), fmtDuration(MaxTTL))
 		}
@@ -231,14 +231,14 @@ func (c *Config) normalizeRules() error {
 		if r.PendingFor == 0 {
 			r.PendingFor = DefaultPendingFor
 		}
-		if r.PendingFor < 0 || r.PendingFor > MaxPendingFor {
-			return fail("pending_for", "must be positive and at most %s, got %s", fmtDuration(MaxPendingFor), fmtDuration(r.PendingFor))
+		if r.PendingFor < MinDuration || r.PendingFor > MaxPendingFor {
+			return fail("pending_for", "must be %s to %s, got %s", fmtDuration(MinDuration), fmtDuration(MaxPendingFor), fmtDuration(r.PendingFor))
 		}
 		if r.Posture.MaxAge == 0 {
 			r.Posture.MaxAge = DefaultPostureMaxAge
 		}
-		if r.Posture.MaxAge < 0 || r.Posture.MaxAge > MaxPostureAge {
-			return fail("posture.max_age", "must be positive and at most %s, got %s", fmtDuration(MaxPostureAge), fmtDuration(r.Posture.MaxAge))
+		if r.Posture.MaxAge < MinDuration || r.Posture.MaxAge > MaxPostureAge {
+			return fail("posture.max_age", "must be %s to %s, got %s", fmtDuration(MinDuration), fmtDuration(MaxPostureAge), fmtDuration(r.Posture.MaxAge))
 		}
 	}
 	return nil

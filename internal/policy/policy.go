@@ -47,6 +47,9 @@ const (
 	DefaultApprovals = 1
 	// MaxTTL caps every rule's max_ttl.
 	MaxTTL = 24 * time.Hour
+	// MinDuration is the shortest max_ttl, pending_for, posture max_age and
+	// requested duration: anything shorter is a typo (1ns), not a policy.
+	MinDuration = time.Second
 	// MaxPendingFor caps every rule's pending_for.
 	MaxPendingFor = 24 * time.Hour
 	// MaxPostureAge caps every rule's posture max_age.

@@ -221,7 +221,7 @@ func TestParseBad(t *testing.T) {
 		{"rule/no approver roles", "approver_roles: [approver]", "approver_roles: []",
 			"cfg.yaml:17: rules[0].approver_roles: must name at least one role"},
 		{"rule/pending negative", "pending_for: 15m", "pending_for: -15m",
-			"cfg.yaml:18: rules[0].pending_for: must be positive and at most 24h, got -15m"},
+			"cfg.yaml:18: rules[0].pending_for: must be 1s to 24h, got -15m"},
 		{"rule/posture unknown key", "firewall: false}", "firewall: false, screen_lock: true}",
 			`cfg.yaml:19: rules[0].posture.screen_lock: unknown key "screen_lock" (known keys: disk_encryption, firewall, max_age)`},
 		{"rule/posture bool", "firewall: false}", "firewall: yes}",
