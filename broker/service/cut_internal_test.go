@@ -11,8 +11,10 @@ import (
 	"time"
 
 	"github.com/pinhole-dev/pinhole/internal/access"
+	"github.com/pinhole-dev/pinhole/internal/audit"
 	"github.com/pinhole-dev/pinhole/internal/fido"
 	"github.com/pinhole-dev/pinhole/internal/policy"
+	"github.com/pinhole-dev/pinhole/internal/recording"
 	"github.com/pinhole-dev/pinhole/internal/sshca"
 	"github.com/pinhole-dev/pinhole/internal/store"
 	"github.com/pinhole-dev/pinhole/internal/store/sqlstore"
@@ -180,5 +182,54 @@ func TestFlowRefusedWhenTargetChanged(t *testing.T) {
 		case tt.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tt.wantErr)):
 			t.Errorf("%s: got %v, want a refusal saying %q", tt.name, err, tt.wantErr)
 		}
+	}
+}
+
+// TestRestoreSealsInterruptedRecordings: a recording a killed broker left
+// open is sealed at the next start: hashed as it is on disk, marked ended
+// and audited as recording.closed with the interruption said.
+func TestRestoreSealsInterruptedRecordings(t *testing.T) {
+	s, st := newTestService(t)
+	fs, err := recording.NewFileStore(filepath.Join(t.TempDir(), "recordings"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.cfg.Recordings = fs
+	rec, err := s.OpenRecording(t.Context(), SessionMeta{ID: "S1", Request: "r-1", User: "alice", Target: "db-prod", Kind: "shell", Started: s.now()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := rec.Output([]byte("before the crash\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	// The broker dies here: no Close. (The file is flushed as it goes.)
+	if err := s.Restore(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	var got store.Recording
+	var evs []audit.Event
+	if err := st.View(t.Context(), func(tx store.Tx) error {
+		var err error
+		if got, err = tx.Recording(t.Context(), "S1"); err != nil {
+			return err
+		}
+		evs, err = tx.AuditEvents(t.Context(), 0, 100)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	sum, size, err := s.hashRecording("S1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Ended.IsZero() || got.SHA256 != sum || got.Size != size || size == 0 {
+		t.Errorf("after restore: %+v; want ended with sha256 %s and size %d", got, sum, size)
+	}
+	sealed := false
+	for _, e := range evs {
+		sealed = sealed || (e.Type == audit.TypeRecordingClosed && e.Details["sha256"] == sum && e.Details["interrupted"] != "")
+	}
+	if !sealed {
+		t.Errorf("no recording.closed event marked interrupted in %v", evs)
 	}
 }

@@ -581,6 +581,9 @@ func (s *Service) expireDue(ctx context.Context) (time.Time, error) {
 // Restore runs at start-up: it ends everything that fell due while the broker
 // was down (never resurrecting it) and re-adds the peers of grants still active.
 func (s *Service) Restore(ctx context.Context) error {
+	if err := s.closeInterrupted(ctx); err != nil {
+		return err
+	}
 	if _, err := s.expireDue(ctx); err != nil {
 		return fmt.Errorf("expiring overdue grants: %w", err)
 	}

@@ -2,6 +2,8 @@ package service
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -96,6 +98,66 @@ func (r *SessionRecording) close() error {
 		return r.s.record(ctx, tx, audit.Event{Type: audit.TypeRecordingClosed, Actor: r.meta.User, Request: r.meta.Request, Grant: r.meta.Request, Target: r.meta.Target,
 			Details: map[string]string{"session": r.meta.ID, "sha256": sum, "size": fmt.Sprint(size)}})
 	})
+}
+
+// closeInterrupted seals the recordings a stopped broker left open (kill -9,
+// power loss): the prefix on disk is kept, hashed and sealed into the audit
+// log as interrupted, so no recording stays "live" forever. It runs at start,
+// before any session can open a recording.
+func (s *Service) closeInterrupted(ctx context.Context) error {
+	if s.cfg.Recordings == nil {
+		return nil
+	}
+	var all []wire.Recording
+	if err := s.cfg.Store.View(ctx, func(tx store.Tx) error {
+		var err error
+		all, err = tx.Recordings(ctx, 1000)
+		return err
+	}); err != nil {
+		return fmt.Errorf("listing recordings: %w", err)
+	}
+	for _, rec := range all {
+		if !rec.Ended.IsZero() {
+			continue
+		}
+		base := audit.Event{Actor: rec.User, Request: rec.Request, Grant: rec.Request, Target: rec.Target}
+		sum, size, err := s.hashRecording(rec.ID)
+		if err != nil {
+			s.log.Error("interrupted recording unreadable", "session", rec.ID, "err", err)
+			base.Type = audit.TypeRecordingFailed
+			base.Details = map[string]string{"session": rec.ID, "stage": "restart", "error": err.Error()}
+			rec.Ended = s.now()
+		} else {
+			base.Type = audit.TypeRecordingClosed
+			base.Details = map[string]string{"session": rec.ID, "sha256": sum, "size": fmt.Sprint(size), "interrupted": "the broker stopped before the session ended"}
+			rec.Ended, rec.SHA256, rec.Size = s.now(), sum, size
+			s.log.Warn("sealed a recording the broker left open", "session", rec.ID, "size", size)
+		}
+		if err := s.cfg.Store.Update(ctx, func(tx store.Tx) error {
+			if err := tx.PutRecording(ctx, rec); err != nil {
+				return err
+			}
+			return s.record(ctx, tx, base)
+		}); err != nil {
+			return fmt.Errorf("sealing recording %s: %w", rec.ID, err)
+		}
+	}
+	return nil
+}
+
+// hashRecording returns the hex SHA-256 and size of a stored recording.
+func (s *Service) hashRecording(id string) (string, int64, error) {
+	f, err := s.cfg.Recordings.Open(id)
+	if err != nil {
+		return "", 0, err
+	}
+	defer f.Close()
+	h := sha256.New()
+	n, err := io.Copy(h, f)
+	if err != nil {
+		return "", 0, err
+	}
+	return hex.EncodeToString(h.Sum(nil)), n, nil
 }
 
 // Recordings lists recordings for an admin, or the caller's own.
