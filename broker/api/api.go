@@ -16,9 +16,12 @@ import (
 	"math"
 	"net/http"
 	"net/url"
+	"reflect"
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/go-json-experiment/json/jsontext"
 
 	"github.com/pinhole-dev/pinhole/broker/ratelimit"
 	"github.com/pinhole-dev/pinhole/broker/service"
@@ -174,7 +177,65 @@ func DecodeBody(w http.ResponseWriter, r *http.Request, v any) error {
 	if rest := bytes.TrimSpace(body[dec.InputOffset():]); len(rest) > 0 {
 		return errors.New("request body has data after the JSON object")
 	}
-	return nil
+	return checkNames(body, v)
+}
+
+// checkNames closes what encoding/json lets through: a name given twice at
+// any depth (it would keep the last), and a top-level field name in another
+// case than the one defined (it would match case-insensitively).
+func checkNames(body []byte, v any) error {
+	want := fieldNames(v)
+	d := jsontext.NewDecoder(bytes.NewReader(body))
+	for {
+		tok, err := d.ReadToken()
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if err != nil {
+			if errors.Is(err, jsontext.ErrDuplicateName) {
+				var se *jsontext.SyntacticError
+				if errors.As(err, &se) {
+					return fmt.Errorf("field %s appears more than once", se.JSONPointer)
+				}
+				return errors.New("a field appears more than once")
+			}
+			return fmt.Errorf("reading request body: %v", err)
+		}
+		if want == nil || d.StackDepth() != 1 || tok.Kind() != '"' {
+			continue
+		}
+		if _, n := d.StackIndex(1); n%2 == 1 { // an object name, not a value
+			if name := tok.String(); !want[name] {
+				return fmt.Errorf("unknown field %q (names are case-sensitive)", name)
+			}
+		}
+	}
+}
+
+// fieldNames returns the JSON names of the struct v points to, or nil.
+func fieldNames(v any) map[string]bool {
+	t := reflect.TypeOf(v)
+	for t != nil && t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	if t == nil || t.Kind() != reflect.Struct {
+		return nil
+	}
+	names := map[string]bool{}
+	for f := range t.Fields() {
+		if !f.IsExported() {
+			continue
+		}
+		name, _, _ := strings.Cut(f.Tag.Get("json"), ",")
+		switch name {
+		case "-":
+			continue
+		case "":
+			name = f.Name
+		}
+		names[name] = true
+	}
+	return names
 }
 
 func jsonKind(first byte) string {
