@@ -50,6 +50,17 @@ func auditVerifyCmd() *command {
 		if err := wantArgs(path, pos); err != nil {
 			return err
 		}
+		// Check what is cheap to check before reading a whole log.
+		if *keyB64 != "" {
+			if _, err := checkpointKey(e, nil, *keyB64); err != nil {
+				return err
+			}
+		}
+		if *witness != "" {
+			if _, err := readWitness(*witness); err != nil {
+				return err
+			}
+		}
 		var events []audit.Event
 		var cl *client.Client
 		if *file != "" {
@@ -96,6 +107,11 @@ func readAuditFile(path string) ([]audit.Event, error) {
 	events, err := audit.ReadJSONL(f, maxAuditEvents)
 	if err != nil {
 		return nil, fmt.Errorf("reading %s: %w", path, err)
+	}
+	if len(events) == 0 {
+		// Every log starts with broker.started: an empty export proves
+		// nothing and is most likely the wrong file.
+		return nil, fmt.Errorf("%s holds no audit events", path)
 	}
 	return events, nil
 }

@@ -305,3 +305,30 @@ func wantArgs(path string, pos []string, names ...string) error {
 	}
 	return nil
 }
+
+// durationFlag is a time.Duration flag whose parse error says what a
+// duration looks like ("10" alone has no unit).
+type durationFlag struct{ d *time.Duration }
+
+func (f durationFlag) String() string {
+	if f.d == nil {
+		return "0s"
+	}
+	return f.d.String()
+}
+
+func (f durationFlag) Set(s string) error {
+	d, err := time.ParseDuration(s)
+	if err != nil {
+		return fmt.Errorf("want a duration with a unit, like 45m, 90s or 1h30m")
+	}
+	*f.d = d
+	return nil
+}
+
+// duration defines a duration flag on fs with a clear parse error.
+func duration(fs *flag.FlagSet, name string, value time.Duration, usage string) *time.Duration {
+	d := value
+	fs.Var(durationFlag{&d}, name, usage)
+	return &d
+}

@@ -300,6 +300,12 @@ func TestCommands(t *testing.T) {
 			wantErrHas: "pinhole request: flag --for is required",
 		},
 		{
+			name:       "usage/request-for-without-unit",
+			args:       []string{"--agent", std, "request", "db-prod", "--for", "10", "--reason", "x"},
+			wantCode:   2,
+			wantErrHas: "want a duration with a unit, like 45m",
+		},
+		{
 			name:       "usage/request-missing-reason",
 			args:       []string{"--agent", std, "request", "db-prod", "--for", "1h"},
 			wantCode:   2,
@@ -660,6 +666,7 @@ func TestAuditVerifyFile(t *testing.T) {
 		{"ok/file", write("good.jsonl", good), 0, fmt.Sprintf("audit: 4 events verified; head seq 4 hash %s\n", good[3].Hash), ""},
 		{"fail/reordered", write("reordered.jsonl", reordered), 1, "audit: verification FAILED at seq 3: out of sequence: want seq 2 after seq 1\n", ""},
 		{"err/missing-file", filepath.Join(dir, "missing.jsonl"), 1, "", "no such file"},
+		{"err/empty-file", write("empty.jsonl", nil), 1, "", "holds no audit events"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

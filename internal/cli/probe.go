@@ -36,7 +36,7 @@ func probeCmd() *command {
 	c.run = func(e *env, path string, args []string) error {
 		fs := newFlagSet(path)
 		port := fs.Int("port", 0, "the `port` to probe on the target (default: the granted port)")
-		timeout := fs.Duration("timeout", defaultProbeTimeout, "how long to wait for an answer (at most 30s)")
+		timeout := duration(fs, "timeout", defaultProbeTimeout, "how long to wait for an answer (at most 30s)")
 		pos, err := e.parse(fs, c, path, args)
 		if err != nil {
 			return err

@@ -50,7 +50,7 @@ func playCmd() *command {
 	c.run = func(e *env, path string, args []string) error {
 		fs := newFlagSet(path)
 		speed := fs.Float64("speed", 1, "playback speed factor")
-		maxIdle := fs.Duration("max-idle", recording.DefaultMaxIdle, "longest pause between events")
+		maxIdle := duration(fs, "max-idle", recording.DefaultMaxIdle, "longest pause between events")
 		raw := fs.Bool("raw", false, "replay the recorded bytes exactly, terminal control strings included")
 		pos, err := e.parse(fs, c, path, args)
 		if err != nil {

@@ -29,10 +29,10 @@ func requestCmd() *command {
 	}
 	c.run = func(e *env, path string, args []string) error {
 		fs := newFlagSet(path)
-		ttl := fs.Duration("for", 0, "how long the access should last, e.g. 45m (required)")
+		ttl := duration(fs, "for", 0, "how long the access should last, e.g. 45m (required)")
 		reason := fs.String("reason", "", "why you need access, e.g. a ticket (required)")
 		wait := fs.Bool("wait", true, "wait for the decision and the tunnel")
-		timeout := fs.Duration("timeout", defaultRequestTimeout, "how long to wait for the decision")
+		timeout := duration(fs, "timeout", defaultRequestTimeout, "how long to wait for the decision")
 		pos, err := e.parse(fs, c, path, args)
 		if err != nil {
 			return err
