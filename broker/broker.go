@@ -9,12 +9,17 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
+	"io/fs"
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"os"
 	"path/filepath"
+	"regexp"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -40,16 +45,21 @@ import (
 
 // Config configures a broker. DataDir and ConfigFile are required.
 type Config struct {
-	// DataDir holds the store, keys and recordings (created 0700).
+	// DataDir holds the store, keys and recordings. A missing dir is
+	// created 0700 and an empty one tightened to 0700; a non-empty one that
+	// group or others can reach is refused.
 	DataDir string
-	// ConfigFile is the YAML file of targets, roles and rules.
+	// ConfigFile is the YAML file of targets, roles and rules: a regular
+	// file that only its owner can write.
 	ConfigFile string
 	// Listen is the HTTPS address; empty means 127.0.0.1:8443.
 	Listen string
 	// PublicURL is the https URL people and agents use; empty means
-	// https://localhost:<port of Listen>. Its host is the WebAuthn RP ID.
+	// https://localhost:<port of Listen>. Its host is the WebAuthn RP ID,
+	// and the TLS certificate in DataDir must be valid for it.
 	PublicURL string
-	// WireGuardPort is the gateway's UDP port; 0 picks a free one.
+	// WireGuardPort is the gateway's UDP port (up to 65535); 0 picks a
+	// free one.
 	WireGuardPort int
 	// WireGuardHost is the host agents send WireGuard to; empty means 127.0.0.1.
 	WireGuardHost string
@@ -57,7 +67,8 @@ type Config struct {
 	NotifyWebhook string
 	// AuditWitness, when set, is a file every signed audit checkpoint is
 	// appended to (JSON lines). Put it where the broker's admin cannot
-	// rewrite it; `pinhole audit verify --witness` checks the log against it.
+	// rewrite it; a path inside DataDir is refused. `pinhole audit verify
+	// --witness` checks the log against it.
 	AuditWitness string
 	// UAPIName, when set, exposes the gateway to `wg show NAME`.
 	UAPIName string
@@ -87,15 +98,44 @@ type Broker struct {
 	URL string
 }
 
-func (c *Config) defaults() error {
+// check fills in c's defaults and validates every field that can be
+// checked without the data dir, so that a bad flag is refused before the
+// data dir is created or a key is generated.
+func (c *Config) check() error {
 	if c.DataDir == "" || c.ConfigFile == "" {
 		return errors.New("broker: data dir and config file are required")
 	}
 	if c.Listen == "" {
 		c.Listen = "127.0.0.1:8443"
 	}
+	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
+		return fmt.Errorf("listen address %q: %w", c.Listen, err)
+	}
+	if _, err := publicURL(*c); err != nil {
+		return err
+	}
+	if c.WireGuardPort < 0 || c.WireGuardPort > 65535 {
+		return fmt.Errorf("WireGuard port %d is out of range: want 1-65535, or 0 for any free port", c.WireGuardPort)
+	}
 	if c.WireGuardHost == "" {
 		c.WireGuardHost = "127.0.0.1"
+	}
+	if _, err := netip.ParseAddr(c.WireGuardHost); err != nil && !hostNameRE.MatchString(c.WireGuardHost) {
+		return fmt.Errorf("WireGuard host %q: want a host name or an IP address, without a port", c.WireGuardHost)
+	}
+	if c.NotifyWebhook != "" {
+		if err := checkWebhookURL(c.NotifyWebhook); err != nil {
+			return err
+		}
+	}
+	// gateway.New checks this too, but only once the keys exist.
+	if c.UAPIName != "" && !uapiNameRE.MatchString(c.UAPIName) {
+		return fmt.Errorf("UAPI name %q: want 1-15 letters, digits or '_', '=', '+', '.', '-'", c.UAPIName)
+	}
+	if c.AuditWitness != "" {
+		if err := checkWitnessPath(c.AuditWitness, c.DataDir); err != nil {
+			return err
+		}
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
@@ -103,34 +143,55 @@ func (c *Config) defaults() error {
 	return nil
 }
 
+var (
+	// hostNameRE is what Config.WireGuardHost may be when it is not an IP
+	// address: a DNS name, which agents are given as their endpoint.
+	hostNameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,252}$`)
+	// uapiNameRE mirrors the gateway's rule for Config.UAPIName.
+	uapiNameRE = regexp.MustCompile(`^[A-Za-z0-9_=+.-]{1,15}$`)
+)
+
 // Open prepares the parts that need no network: data dir, keys, store,
 // rules and the service. Bootstrap uses it alone; New builds on it.
 func Open(ctx context.Context, cfg Config) (*Broker, error) {
-	if err := cfg.defaults(); err != nil {
+	if err := cfg.check(); err != nil {
 		return nil, err
 	}
-	// Rules first: a bad config must not touch the data dir.
-	if fi, err := os.Stat(cfg.ConfigFile); err == nil && fi.Mode().Perm()&0o022 != 0 {
-		return nil, fmt.Errorf("config file %s is writable by others (mode %v): whoever can write it decides who gets access; make it 0644 or stricter", cfg.ConfigFile, fi.Mode().Perm())
-	}
-	pc, err := policyfile.Load(cfg.ConfigFile)
+	// Flags, rules and the witness first: a bad one must not touch the
+	// data dir.
+	pc, err := loadRules(cfg.ConfigFile)
 	if err != nil {
 		return nil, err
 	}
 	if len(pc.Targets) == 0 || len(pc.Rules) == 0 {
 		cfg.Logger.Warn("the config grants nothing: it has no targets or no rules", "config", cfg.ConfigFile)
 	}
-	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
-		return nil, fmt.Errorf("creating data dir: %w", err)
+	var witness service.Witness
+	if cfg.AuditWitness != "" {
+		// Fail now rather than log every 10 s: an audit witness that cannot
+		// be written is no witness.
+		if err := openWitness(cfg.AuditWitness); err != nil {
+			return nil, err
+		}
+		witness = &witnessFile{path: cfg.AuditWitness}
 	}
-	if err := os.Chmod(cfg.DataDir, 0o700); err != nil {
-		return nil, fmt.Errorf("securing data dir: %w", err)
+	pub, err := publicURL(cfg)
+	if err != nil {
+		return nil, err
+	}
+	u, _ := url.Parse(pub)
+	f, err := fido.New(fido.Config{RPID: u.Hostname(), RPDisplayName: "pinhole", Origins: []string{pub}})
+	if err != nil {
+		return nil, fmt.Errorf("webauthn: %w", err)
+	}
+	if err := prepareDataDir(cfg.DataDir); err != nil {
+		return nil, err
 	}
 	lock, err := lockDataDir(cfg.DataDir)
 	if err != nil {
 		return nil, err
 	}
-	b := &Broker{cfg: cfg, log: cfg.Logger, policy: new(atomic.Pointer[policy.Config]), lock: lock}
+	b := &Broker{cfg: cfg, log: cfg.Logger, policy: new(atomic.Pointer[policy.Config]), lock: lock, URL: pub}
 	b.policy.Store(pc)
 	ok := false
 	defer func() {
@@ -152,25 +213,6 @@ func Open(ctx context.Context, cfg Config) (*Broker, error) {
 	if err != nil {
 		return nil, fmt.Errorf("audit signing key: %w", err)
 	}
-	var witness service.Witness
-	if cfg.AuditWitness != "" {
-		// Fail now rather than log every 10 s: an audit witness that cannot
-		// be written is no witness.
-		f, err := os.OpenFile(cfg.AuditWitness, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
-		if err != nil {
-			return nil, fmt.Errorf("audit witness: %w", err)
-		}
-		f.Close()
-		witness = &witnessFile{path: cfg.AuditWitness}
-	}
-	if b.URL, err = publicURL(cfg); err != nil {
-		return nil, err
-	}
-	u, _ := url.Parse(b.URL)
-	f, err := fido.New(fido.Config{RPID: u.Hostname(), RPDisplayName: "pinhole", Origins: []string{b.URL}})
-	if err != nil {
-		return nil, fmt.Errorf("webauthn: %w", err)
-	}
 	rec, err := recording.NewFileStore(filepath.Join(cfg.DataDir, "recordings"))
 	if err != nil {
 		return nil, err
@@ -181,11 +223,7 @@ func Open(ctx context.Context, cfg Config) (*Broker, error) {
 	// Every grant link lands in the owner-only outbox first, so a webhook
 	// that is down loses nothing; the webhook then delivers it.
 	notifier := notifiers{&outboxFile{path: filepath.Join(cfg.DataDir, "outbox.jsonl")}}
-	if cfg.NotifyWebhook != "" {
-		u, err := url.Parse(cfg.NotifyWebhook)
-		if err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
-			return nil, fmt.Errorf("notify webhook %q: want an http(s)://host/path URL", cfg.NotifyWebhook)
-		}
+	if cfg.NotifyWebhook != "" { // checked by cfg.check
 		notifier = append(notifier, &webhook{url: cfg.NotifyWebhook, client: &http.Client{Timeout: 5 * time.Second}})
 	}
 	b.svc, err = service.New(service.Config{Store: b.store, Policy: b.policy, FIDO: f, UserCA: b.userCA, HostCA: b.hostCA,
@@ -221,8 +259,8 @@ func (b *Broker) Service() *service.Service { return b.svc }
 // New opens the broker and starts its listeners: HTTPS and the WireGuard
 // gateway. Call Run to serve.
 func New(ctx context.Context, cfg Config) (*Broker, error) {
-	if cfg.Listen == "" {
-		cfg.Listen = "127.0.0.1:8443"
+	if err := cfg.check(); err != nil {
+		return nil, err
 	}
 	// Listen first so that a port of 0 is known before the public URL
 	// (and with it the WebAuthn origin) is derived from it.
@@ -245,8 +283,7 @@ func New(ctx context.Context, cfg Config) (*Broker, error) {
 }
 
 func (b *Broker) start(ctx context.Context) error {
-	u, _ := url.Parse(b.URL)
-	cert, caFile, err := tlsfile.LoadOrCreate(filepath.Join(b.cfg.DataDir, "tls"), []string{u.Hostname(), "localhost", "127.0.0.1", "::1"}, time.Now())
+	cert, caFile, err := b.loadTLS()
 	if err != nil {
 		return err
 	}
@@ -303,6 +340,28 @@ func (b *Broker) start(ctx context.Context) error {
 		},
 	}
 	return nil
+}
+
+// loadTLS loads the broker's TLS certificate, creating one for the public
+// URL's host (and localhost) on first start. A certificate made for another
+// host, before the public URL changed, is refused: browsers and agents would
+// refuse it anyway, with a less helpful message.
+func (b *Broker) loadTLS() (tls.Certificate, string, error) {
+	u, _ := url.Parse(b.URL)
+	host := u.Hostname()
+	dir := filepath.Join(b.cfg.DataDir, "tls")
+	cert, caFile, err := tlsfile.LoadOrCreate(dir, []string{host, "localhost", "127.0.0.1", "::1"}, time.Now())
+	if err != nil {
+		return tls.Certificate{}, "", err
+	}
+	if err := tlsfile.CheckHost(cert, host); err != nil {
+		return tls.Certificate{}, "", fmt.Errorf("%w, the host of the public URL %s (certificate %s). "+
+			"If the broker's host name has changed for good, remove %s and start again: the broker makes a new certificate for %s, which agents must then trust in place of the old one. "+
+			"Security keys are bound to the public URL's host (the WebAuthn RP ID), so keys registered under the old host do not work under %s and must be registered again. "+
+			"Otherwise start with the public URL the certificate was made for",
+			err, b.URL, caFile, dir, host, host)
+	}
+	return cert, caFile, nil
 }
 
 // UserCAKey is the user CA's public key as an authorized_keys line (what
@@ -381,6 +440,218 @@ func lockDataDir(dir string) (*os.File, error) {
 		return nil, fmt.Errorf("locking data dir: %w", err)
 	}
 	return f, nil
+}
+
+// loadRules reads the rules from path. It refuses anything but a regular
+// file before opening it, and opens without blocking, so that a FIFO or a
+// device can neither hang start-up nor pass for a config. A file others can
+// write is refused too: whoever can write it decides who gets access.
+func loadRules(path string) (*policy.Config, error) {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return nil, fmt.Errorf("config file: %w", err)
+	}
+	if !fi.Mode().IsRegular() {
+		return nil, fmt.Errorf("config file %s is not a regular file (it is %s)", path, fileKind(fi.Mode()))
+	}
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK|syscall.O_NOCTTY, 0)
+	if err != nil {
+		return nil, fmt.Errorf("config file: %w", err)
+	}
+	defer f.Close()
+	// Check what was opened, not what the name pointed at a moment ago.
+	ofi, err := f.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("config file %s: %w", path, err)
+	}
+	if !ofi.Mode().IsRegular() || !os.SameFile(fi, ofi) {
+		return nil, fmt.Errorf("config file %s changed while it was opened; start again", path)
+	}
+	if ofi.Mode().Perm()&0o022 != 0 {
+		return nil, fmt.Errorf("config file %s is writable by others (mode %v): whoever can write it decides who gets access; make it 0644 or stricter", path, ofi.Mode().Perm())
+	}
+	data, err := io.ReadAll(io.LimitReader(f, policyfile.MaxSize+1))
+	if err != nil {
+		return nil, fmt.Errorf("reading config file %s: %w", path, err)
+	}
+	return policyfile.Parse(path, data)
+}
+
+// fileKind names what kind of file m is, for errors.
+func fileKind(m fs.FileMode) string {
+	switch {
+	case m.IsDir():
+		return "a directory"
+	case m&fs.ModeNamedPipe != 0:
+		return "a FIFO"
+	case m&fs.ModeSocket != 0:
+		return "a socket"
+	case m&fs.ModeCharDevice != 0:
+		return "a character device"
+	case m&fs.ModeDevice != 0:
+		return "a device"
+	case m&fs.ModeSymlink != 0:
+		return "a symbolic link"
+	default:
+		return "not a regular file"
+	}
+}
+
+// checkWitnessPath refuses an audit witness inside the data dir: there the
+// broker's admin can rewrite it along with the log it witnesses, and the
+// broker would append JSON to its own keys or store. Both paths are made
+// absolute and cleaned, and their longest existing prefixes have their
+// symbolic links resolved, so neither "..", a relative path nor a link
+// hides where the witness really is.
+func checkWitnessPath(witness, dataDir string) error {
+	w, err := resolvePath(witness)
+	if err != nil {
+		return fmt.Errorf("audit witness %s: %w", witness, err)
+	}
+	d, err := resolvePath(dataDir)
+	if err != nil {
+		return fmt.Errorf("data dir %s: %w", dataDir, err)
+	}
+	if within(d, w) {
+		return fmt.Errorf("audit witness %s is inside the data dir %s: the witness must live where the broker's admin cannot rewrite it (another disk, user or host), outside the data dir", witness, dataDir)
+	}
+	if fi, err := os.Stat(w); err == nil && !fi.Mode().IsRegular() {
+		return fmt.Errorf("audit witness %s is not a regular file (it is %s)", witness, fileKind(fi.Mode()))
+	}
+	return nil
+}
+
+// resolvePath returns p absolute and cleaned, with the symbolic links of its
+// longest existing prefix resolved. A dangling symbolic link is an error:
+// creating the file would create the link's target, wherever that is.
+func resolvePath(p string) (string, error) {
+	abs, err := filepath.Abs(p)
+	if err != nil {
+		return "", err
+	}
+	rest := ""
+	for cur := abs; ; {
+		resolved, err := filepath.EvalSymlinks(cur)
+		if err == nil {
+			return filepath.Join(resolved, rest), nil
+		}
+		if _, lerr := os.Lstat(cur); lerr == nil {
+			return "", fmt.Errorf("resolving %s: %w", cur, err)
+		}
+		parent := filepath.Dir(cur)
+		if parent == cur {
+			return abs, nil
+		}
+		rest = filepath.Join(filepath.Base(cur), rest)
+		cur = parent
+	}
+}
+
+// within reports whether path is dir or below it; both are clean and absolute.
+func within(dir, path string) bool {
+	rel, err := filepath.Rel(dir, path)
+	return err == nil && rel != ".." && !strings.HasPrefix(rel, ".."+string(filepath.Separator))
+}
+
+// openWitness checks that the audit witness can be appended to, creating it
+// (0600) when missing. It opens without blocking, so a FIFO put there
+// after checkWitnessPath cannot hang start-up.
+func openWitness(path string) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE|syscall.O_NONBLOCK|syscall.O_NOCTTY, 0o600)
+	if err != nil {
+		return fmt.Errorf("audit witness: %w", err)
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return fmt.Errorf("audit witness: %w", err)
+	}
+	if !fi.Mode().IsRegular() {
+		return fmt.Errorf("audit witness %s is not a regular file (it is %s)", path, fileKind(fi.Mode()))
+	}
+	return nil
+}
+
+// prepareDataDir makes dir the broker's private directory. A missing dir is
+// created 0700 and an empty one is tightened to 0700. An existing non-empty
+// dir that group or others can reach is refused rather than tightened: its
+// files may already have been read or planted by others, and it is likely
+// not the broker's own (a home directory, /tmp).
+func prepareDataDir(dir string) error {
+	if err := os.MkdirAll(filepath.Dir(filepath.Clean(dir)), 0o700); err != nil {
+		return fmt.Errorf("creating data dir: %w", err)
+	}
+	err := os.Mkdir(dir, 0o700)
+	if err == nil {
+		// Ours from the start; the chmod only undoes an odd umask.
+		if err := os.Chmod(dir, 0o700); err != nil {
+			return fmt.Errorf("securing data dir: %w", err)
+		}
+		return nil
+	}
+	if !errors.Is(err, fs.ErrExist) {
+		return fmt.Errorf("creating data dir: %w", err)
+	}
+	fi, err := os.Stat(dir)
+	if err != nil {
+		return fmt.Errorf("data dir: %w", err)
+	}
+	if !fi.IsDir() {
+		return fmt.Errorf("data dir %s is not a directory (it is %s)", dir, fileKind(fi.Mode()))
+	}
+	if fi.Mode().Perm()&0o077 == 0 {
+		return nil
+	}
+	refuse := fmt.Errorf("data dir %s has mode %s and is not empty, so others may have read or planted files in it: use a dedicated directory for the broker's data (one that does not exist yet is created with mode 0700)", dir, octalMode(fi.Mode()))
+	if empty, err := emptyDir(dir); err != nil {
+		return err
+	} else if !empty {
+		return refuse
+	}
+	if err := os.Chmod(dir, 0o700); err != nil {
+		return fmt.Errorf("securing data dir: %w", err)
+	}
+	// Someone else may have added a file between the look and the chmod;
+	// after the chmod no one else can.
+	if empty, err := emptyDir(dir); err != nil {
+		return err
+	} else if !empty {
+		return refuse
+	}
+	return nil
+}
+
+// emptyDir reports whether dir has no entries.
+func emptyDir(dir string) (bool, error) {
+	f, err := os.Open(dir)
+	if err != nil {
+		return false, fmt.Errorf("reading data dir: %w", err)
+	}
+	defer f.Close()
+	names, err := f.Readdirnames(1)
+	if errors.Is(err, io.EOF) {
+		return true, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("reading data dir: %w", err)
+	}
+	return len(names) == 0, nil
+}
+
+// octalMode formats m's permission and special bits the way chmod takes
+// them, like "1777" for /tmp.
+func octalMode(m fs.FileMode) string {
+	o := uint32(m.Perm())
+	if m&fs.ModeSetuid != 0 {
+		o |= 0o4000
+	}
+	if m&fs.ModeSetgid != 0 {
+		o |= 0o2000
+	}
+	if m&fs.ModeSticky != 0 {
+		o |= 0o1000
+	}
+	return fmt.Sprintf("%04o", o)
 }
 
 func loadOrCreateWGKey(path string) (wgkey.Private, error) {

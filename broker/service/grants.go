@@ -533,6 +533,7 @@ func (s *Service) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			t.Stop()
 			s.cuts.Wait()
+			s.deliveries.closeAndWait()
 			return nil
 		case <-s.wake:
 		case <-t.C:

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/pinhole-dev/pinhole/internal/access"
@@ -17,8 +18,17 @@ import (
 	"github.com/pinhole-dev/pinhole/internal/wire"
 )
 
-// MaxTTLText bounds the TTL string of a request.
+// maxReasonBytes bounds the reason of a request.
 const maxReasonBytes = 500
+
+// maxPendingPerUser is how many requests one user may have waiting for
+// approval at once. Each request sends a grant link to every approver; the
+// cap keeps one user (or a stolen device) from flooding approvers with links
+// until they approve without reading (approval fatigue).
+const maxPendingPerUser = 5
+
+// notifyTimeout bounds the delivery of one grant link by one notifier.
+const notifyTimeout = 15 * time.Second
 
 // CreateRequest evaluates the rules for the calling device and user and, when
 // they allow it, stores a pending request and sends grant links to approvers.
@@ -44,7 +54,21 @@ func (s *Service) CreateRequest(ctx context.Context, d store.Device, u store.Use
 	cfg := s.policy()
 	var req access.Request
 	var notices []ApprovalNotice
+	// refused is set when the rules say no: the transaction then commits
+	// the request.refused event (and nothing else) and the caller gets it.
+	var refused *Error
 	err = s.cfg.Store.Update(ctx, func(tx store.Tx) error {
+		refused = nil
+		// In the transaction that creates the request, so that racing
+		// creations cannot both pass it.
+		if err := checkPendingLimit(ctx, tx, u.Name, now); err != nil {
+			var e *Error
+			if !errors.As(err, &e) {
+				return err
+			}
+			refused, err = s.refuse(ctx, tx, u, d, in, e.Kind, e.Msg)
+			return err
+		}
 		rep, err := latestPosture(ctx, tx, d.ID)
 		if err != nil {
 			return err
@@ -55,18 +79,16 @@ func (s *Service) CreateRequest(ctx context.Context, d store.Device, u store.Use
 		}
 		dec := policy.Evaluate(cfg, policy.Input{Roles: []string{u.Role}, Target: in.Target, TTL: ttl, Reason: in.Reason, Posture: facts, Now: now})
 		if !dec.Allow {
-			if err := s.record(ctx, tx, audit.Event{Type: audit.TypeRequestRefused, Actor: u.Name, Device: d.ID, Target: in.Target,
-				Details: map[string]string{"reason": dec.Reason, "ttl": in.TTL}}); err != nil {
-				return err
-			}
-			return &Error{Kind: KindPolicy, Msg: "request refused: " + dec.Reason}
+			refused, err = s.refuse(ctx, tx, u, d, in, KindPolicy, "request refused: "+dec.Reason)
+			return err
 		}
 		approvers, err := s.eligibleApprovers(ctx, tx, dec.ApproverRoles, u.Name)
 		if err != nil {
 			return err
 		}
 		if len(approvers) < dec.Approvals {
-			return s.refuse(ctx, tx, u, d, in, fmt.Sprintf("rule %s needs %d approval(s) but only %d approver(s) with a security key exist", dec.Rule, dec.Approvals, len(approvers)))
+			refused, err = s.refuse(ctx, tx, u, d, in, KindPolicy, fmt.Sprintf("request refused: rule %s needs %d approval(s) but only %d approver(s) with a security key exist", dec.Rule, dec.Approvals, len(approvers)))
+			return err
 		}
 		req, err = access.NewRequest(access.NewRequestParams{ID: id, Requester: u.Name, Device: d.ID, Target: in.Target, Reason: in.Reason,
 			TTL: ttl, PendingFor: dec.PendingFor, RequiredApprovals: dec.Approvals, ApproverRoles: dec.ApproverRoles}, now)
@@ -93,19 +115,44 @@ func (s *Service) CreateRequest(ctx context.Context, d store.Device, u store.Use
 	if err != nil {
 		return wire.Request{}, err
 	}
-	s.poke()
-	for _, n := range notices {
-		s.notify(ctx, n)
+	if refused != nil {
+		return wire.Request{}, refused
 	}
+	s.poke()
+	s.notify(ctx, notices)
 	return WireRequest(req), nil
 }
 
-func (s *Service) refuse(ctx context.Context, tx store.Tx, u store.User, d store.Device, in wire.CreateRequest, reason string) error {
-	if err := s.record(ctx, tx, audit.Event{Type: audit.TypeRequestRefused, Actor: u.Name, Device: d.ID, Target: in.Target,
-		Details: map[string]string{"reason": reason}}); err != nil {
-		return err
+// checkPendingLimit refuses a new request of user when user already has
+// maxPendingPerUser requests waiting for approval. Call it in the
+// transaction that creates the request. A pending request whose wait is over
+// no longer counts, even before the expiry loop has ended it.
+func checkPendingLimit(ctx context.Context, tx store.Tx, user string, now time.Time) error {
+	open, err := tx.OpenRequests(ctx)
+	if err != nil {
+		return fmt.Errorf("counting pending requests of %s: %w", user, err)
 	}
-	return &Error{Kind: KindPolicy, Msg: "request refused: " + reason}
+	var waiting []string
+	for _, r := range open {
+		if r.Requester == user && r.State == access.StatePending && now.Before(r.PendingUntil) {
+			waiting = append(waiting, r.ID)
+		}
+	}
+	if len(waiting) >= maxPendingPerUser {
+		return errorf(KindConflict, "%s already has %d requests waiting for approval (%s); cancel one with pinhole revoke ID or wait until one is decided or expires",
+			user, len(waiting), strings.Join(waiting, ", "))
+	}
+	return nil
+}
+
+// refuse audits a refused request in tx and returns the refusal for the
+// caller; err is set only when the audit event could not be written.
+func (s *Service) refuse(ctx context.Context, tx store.Tx, u store.User, d store.Device, in wire.CreateRequest, kind Kind, msg string) (refusal *Error, err error) {
+	if err := s.record(ctx, tx, audit.Event{Type: audit.TypeRequestRefused, Actor: u.Name, Device: d.ID, Target: in.Target,
+		Details: map[string]string{"reason": msg, "ttl": in.TTL}}); err != nil {
+		return nil, err
+	}
+	return &Error{Kind: kind, Msg: msg}, nil
 }
 
 func (s *Service) eligibleApprovers(ctx context.Context, tx store.Tx, roles []string, requester string) ([]store.User, error) {
@@ -131,18 +178,90 @@ func (s *Service) eligibleApprovers(ctx context.Context, tx store.Tx, roles []st
 	return out, nil
 }
 
-func (s *Service) notify(ctx context.Context, n ApprovalNotice) {
-	s.log.Info("grant link issued", "request", n.Request, "approver", n.Approver, "target", n.Target)
+// SplitNotifier is a Notifier whose delivery has a quick part that keeps
+// the link (an owner-only outbox file) and a slow part that waits on another
+// system (a webhook). The Service calls the quick part inside the API call
+// that created the request, so every link is kept before that call returns,
+// and the slow part on background goroutines that Run waits for on exit, so
+// a slow receiver never holds up `pinhole request`. A Notifier that is not a
+// SplitNotifier is called inside the API call as a whole.
+type SplitNotifier interface {
+	Notifier
+	// Split returns the quick and the slow part; either may be nil.
+	Split() (quick, slow Notifier)
+}
+
+// notify sends the grant links of a stored request: the quick part of the
+// notifier now, the slow part in the background.
+func (s *Service) notify(ctx context.Context, notices []ApprovalNotice) {
+	for _, n := range notices {
+		s.log.Info("grant link issued", "request", n.Request, "approver", n.Approver, "target", n.Target)
+	}
 	if s.cfg.Notifier == nil {
 		return
 	}
+	quick, slow := s.cfg.Notifier, Notifier(nil)
+	if sn, ok := s.cfg.Notifier.(SplitNotifier); ok {
+		quick, slow = sn.Split()
+	}
 	// The request is stored: delivering its links must not depend on the
 	// requester's connection staying open.
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 15*time.Second)
+	ctx = context.WithoutCancel(ctx)
+	if quick != nil {
+		for _, n := range notices {
+			s.deliver(ctx, quick, n)
+		}
+	}
+	if slow != nil {
+		for _, n := range notices {
+			// One goroutine per link: a receiver that never answers
+			// holds up shutdown by one timeout, not one per approver.
+			s.deliveries.start(func() { s.deliver(ctx, slow, n) })
+		}
+	}
+}
+
+// deliver hands n to one notifier and logs a failure.
+func (s *Service) deliver(ctx context.Context, to Notifier, n ApprovalNotice) {
+	ctx, cancel := context.WithTimeout(ctx, notifyTimeout)
 	defer cancel()
-	if err := s.cfg.Notifier.NotifyApprover(ctx, n); err != nil {
+	if err := to.NotifyApprover(ctx, n); err != nil {
 		s.log.Error("notifying approver failed", "request", n.Request, "approver", n.Approver, "err", err)
 	}
+}
+
+// deliveries runs the slow part of grant-link delivery off the API call that
+// issued the links. Run calls closeAndWait on exit; a delivery started after
+// that (by an API call still finishing during shutdown) runs inline in its
+// caller, so none is left running that nobody waits for. The zero value is
+// ready to use.
+type deliveries struct {
+	mu     sync.Mutex
+	closed bool // guarded by mu; set by closeAndWait
+	wg     sync.WaitGroup
+}
+
+// start runs f on a goroutine d waits for, or inline once d is closed.
+func (d *deliveries) start(f func()) {
+	d.mu.Lock()
+	if d.closed {
+		d.mu.Unlock()
+		f()
+		return
+	}
+	// Under mu, so the goroutine is counted before closeAndWait can wait:
+	// the WaitGroup never grows from zero during a Wait.
+	d.wg.Go(f)
+	d.mu.Unlock()
+}
+
+// closeAndWait makes later deliveries run inline and waits for the
+// running ones.
+func (d *deliveries) closeAndWait() {
+	d.mu.Lock()
+	d.closed = true
+	d.mu.Unlock()
+	d.wg.Wait()
 }
 
 // Request returns a request visible to the calling user (their own, or any for an admin).

@@ -119,6 +119,9 @@ type Service struct {
 	planeMu sync.Mutex
 	// cuts tracks the data-plane cuts of expired grants; Run waits for them.
 	cuts sync.WaitGroup
+	// deliveries runs the slow part of grant-link delivery (a webhook) in
+	// the background; Run waits for it on exit.
+	deliveries deliveries
 }
 
 // New validates cfg and returns a Service. Attach the data plane with

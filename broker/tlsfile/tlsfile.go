@@ -1,5 +1,6 @@
 // Package tlsfile keeps the broker's self-signed TLS key and certificate: it
-// creates them on first start (key 0600) and loads them afterwards.
+// creates them on first start (key 0600) and loads them afterwards, and
+// checks that the certificate still fits the host it is served for.
 package tlsfile
 
 import (
@@ -16,11 +17,14 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 )
 
-// LoadOrCreate returns the certificate in dir (cert.pem, key.pem), creating a
-// self-signed one for hosts (names or IPs) when none exists.
+// LoadOrCreate returns the certificate in dir (cert.pem, key.pem) and the
+// path of cert.pem, creating a self-signed certificate for hosts (names or
+// IPs) when cert.pem does not exist. An existing certificate is returned as
+// it is, whatever hosts says: use CheckHost to see that it fits.
 func LoadOrCreate(dir string, hosts []string, now time.Time) (tls.Certificate, string, error) {
 	certPath, keyPath := filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
 	if _, err := os.Stat(certPath); errors.Is(err, os.ErrNotExist) {
@@ -64,10 +68,15 @@ func create(dir, certPath, keyPath string, hosts []string, now time.Time) error 
 		BasicConstraintsValid: true,
 		IsCA:                  true,
 	}
+	seen := make(map[string]bool)
 	for _, h := range hosts {
+		if h == "" || seen[h] {
+			continue
+		}
+		seen[h] = true
 		if ip := net.ParseIP(h); ip != nil {
 			tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
-		} else if h != "" {
+		} else {
 			tmpl.DNSNames = append(tmpl.DNSNames, h)
 		}
 	}
@@ -86,4 +95,37 @@ func create(dir, certPath, keyPath string, hosts []string, now time.Time) error 
 		return fmt.Errorf("writing TLS certificate: %w", err)
 	}
 	return nil
+}
+
+// CheckHost returns an error unless c (its first certificate) is valid for
+// host, a DNS name or an IP address. The error lists the names c has.
+func CheckHost(c tls.Certificate, host string) error {
+	leaf := c.Leaf
+	if leaf == nil {
+		if len(c.Certificate) == 0 {
+			return errors.New("the TLS certificate is empty")
+		}
+		var err error
+		if leaf, err = x509.ParseCertificate(c.Certificate[0]); err != nil {
+			return fmt.Errorf("parsing TLS certificate: %w", err)
+		}
+	}
+	if err := leaf.VerifyHostname(host); err != nil {
+		names := Names(leaf)
+		if len(names) == 0 {
+			return fmt.Errorf("the TLS certificate names no host, so it is not valid for %s", host)
+		}
+		return fmt.Errorf("the TLS certificate is for %s, not for %s", strings.Join(names, ", "), host)
+	}
+	return nil
+}
+
+// Names returns the names c is valid for: its DNS names, then its IP
+// addresses.
+func Names(c *x509.Certificate) []string {
+	names := append([]string(nil), c.DNSNames...)
+	for _, ip := range c.IPAddresses {
+		names = append(names, ip.String())
+	}
+	return names
 }

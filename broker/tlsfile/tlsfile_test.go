@@ -3,6 +3,7 @@ package tlsfile_test
 import (
 	"bytes"
 	"crypto"
+	"crypto/tls"
 	"crypto/x509"
 	"net"
 	"os"
@@ -199,5 +200,68 @@ func TestIPOnlyHosts(t *testing.T) {
 	l := leaf(t, c.Certificate)
 	if len(l.DNSNames) != 0 || len(l.IPAddresses) != 1 || !l.IPAddresses[0].Equal(net.ParseIP("192.0.2.10")) {
 		t.Errorf("SANs = %v %v, want only IP 192.0.2.10", l.DNSNames, l.IPAddresses)
+	}
+}
+
+func TestCheckHost(t *testing.T) {
+	t.Parallel()
+	c, _, err := tlsfile.LoadOrCreate(t.TempDir(), []string{"pinhole.example.com", "localhost", "127.0.0.1", "::1"}, now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	unparsed := c
+	unparsed.Leaf = nil
+	tests := []struct {
+		name    string
+		host    string
+		wantErr string // "" means valid
+	}{
+		{"ok/public_name", "pinhole.example.com", ""},
+		{"ok/public_name_other_case", "Pinhole.Example.COM", ""},
+		{"ok/localhost", "localhost", ""},
+		{"ok/ipv4", "127.0.0.1", ""},
+		{"ok/ipv6", "::1", ""},
+		{"deny/other_name", "other.example.com", "the TLS certificate is for pinhole.example.com, localhost, 127.0.0.1, ::1, not for other.example.com"},
+		{"deny/subdomain", "www.pinhole.example.com", "not for www.pinhole.example.com"},
+		{"deny/other_ip", "192.0.2.10", "not for 192.0.2.10"},
+	}
+	for _, tc := range tests {
+		for _, cert := range []struct {
+			name string
+			c    tls.Certificate
+		}{{"leaf", c}, {"no_leaf", unparsed}} {
+			t.Run(tc.name+"/"+cert.name, func(t *testing.T) {
+				t.Parallel()
+				err := tlsfile.CheckHost(cert.c, tc.host)
+				switch {
+				case tc.wantErr == "" && err != nil:
+					t.Errorf("CheckHost(%s): %v", tc.host, err)
+				case tc.wantErr != "" && err == nil:
+					t.Errorf("CheckHost(%s) accepted a certificate for %v", tc.host, tlsfile.Names(leaf(t, cert.c.Certificate)))
+				case tc.wantErr != "" && !strings.Contains(err.Error(), tc.wantErr):
+					t.Errorf("CheckHost(%s) = %q, want it to say %q", tc.host, err, tc.wantErr)
+				}
+			})
+		}
+	}
+}
+
+func TestCheckHostRefusesEmptyCertificate(t *testing.T) {
+	t.Parallel()
+	if err := tlsfile.CheckHost(tls.Certificate{}, "localhost"); err == nil {
+		t.Fatal("an empty certificate was accepted")
+	}
+}
+
+func TestCreateListsEachHostOnce(t *testing.T) {
+	t.Parallel()
+	// The broker passes the public URL's host and then localhost, which is
+	// the same host when the public URL is the default.
+	c, _, err := tlsfile.LoadOrCreate(t.TempDir(), []string{"localhost", "localhost", "127.0.0.1", "::1", "127.0.0.1"}, now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := cmp.Diff([]string{"localhost", "127.0.0.1", "::1"}, tlsfile.Names(leaf(t, c.Certificate))); d != "" {
+		t.Errorf("names (-want +got):\n%s", d)
 	}
 }

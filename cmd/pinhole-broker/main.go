@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"regexp"
 	"syscall"
 
 	"github.com/pinhole-dev/pinhole/broker"
@@ -24,6 +25,10 @@ func main() {
 	stop()
 	os.Exit(code)
 }
+
+// userNameRE is the rule broker/service applies to user names; bootstrap
+// checks --admin against it before anything is written.
+var userNameRE = regexp.MustCompile(`^[a-z][a-z0-9._-]{0,62}$`)
 
 const usage = `usage:
   pinhole-broker serve --data DIR --config FILE [flags]
@@ -83,6 +88,18 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "pinhole-broker %s: --data and --config are required\n", cmd)
 		return 2
 	}
+	if cmd == "bootstrap" {
+		// Checked here, before the data dir is created and keys are made;
+		// the service checks the name again when it invites.
+		if admin == "" {
+			fmt.Fprintf(stderr, "pinhole-broker %s: --admin is required\n", cmd)
+			return 2
+		}
+		if !userNameRE.MatchString(admin) {
+			fmt.Fprintf(stderr, "pinhole-broker %s: --admin %q: use 1-63 lower-case letters, digits, '.', '_' or '-', starting with a letter\n", cmd, admin)
+			return 2
+		}
+	}
 	var err error
 	switch cmd {
 	case "serve":
@@ -107,9 +124,6 @@ func serve(ctx context.Context, cfg broker.Config, stdout io.Writer) error {
 }
 
 func bootstrap(ctx context.Context, cfg broker.Config, admin string, stdout io.Writer) error {
-	if admin == "" {
-		return errors.New("--admin is required")
-	}
 	b, err := broker.Open(ctx, cfg)
 	if err != nil {
 		return err
