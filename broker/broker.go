@@ -87,7 +87,8 @@ type Broker struct {
 	proxy    *sshproxy.Proxy
 	ln       net.Listener
 	srv      *http.Server
-	userCA   ssh.Signer
+	userCA   ssh.Signer // trusted by targets; signs the proxy's upstream certificates
+	clientCA ssh.Signer // trusted by the proxy only; signs workstations' grant certificates
 	hostCA   ssh.Signer
 	hostKey  ssh.Signer
 	hostCert *hostCerts
@@ -203,6 +204,11 @@ func Open(ctx context.Context, cfg Config) (*Broker, error) {
 	if b.userCA, err = sshca.LoadOrCreateKey(filepath.Join(keys, "ssh_user_ca")); err != nil {
 		return nil, fmt.Errorf("user CA: %w", err)
 	}
+	// Workstations' per-grant certificates come from a CA of their own that
+	// only the recording proxy trusts (see service.Config.ClientCA).
+	if b.clientCA, err = sshca.LoadOrCreateKey(filepath.Join(keys, "ssh_client_ca")); err != nil {
+		return nil, fmt.Errorf("client CA: %w", err)
+	}
 	if b.hostCA, err = sshca.LoadOrCreateKey(filepath.Join(keys, "ssh_host_ca")); err != nil {
 		return nil, fmt.Errorf("host CA: %w", err)
 	}
@@ -226,7 +232,7 @@ func Open(ctx context.Context, cfg Config) (*Broker, error) {
 	if cfg.NotifyWebhook != "" { // checked by cfg.check
 		notifier = append(notifier, &webhook{url: cfg.NotifyWebhook, client: &http.Client{Timeout: 5 * time.Second}})
 	}
-	b.svc, err = service.New(service.Config{Store: b.store, Policy: b.policy, FIDO: f, UserCA: b.userCA, HostCA: b.hostCA,
+	b.svc, err = service.New(service.Config{Store: b.store, Policy: b.policy, FIDO: f, ClientCA: b.clientCA, HostCA: b.hostCA,
 		PublicURL: b.URL, Notifier: notifier, Logger: b.log, Recordings: rec, AuditKey: auditKey, Witness: witness})
 	if err != nil {
 		return nil, err
@@ -297,7 +303,7 @@ func (b *Broker) start(ctx context.Context) error {
 	}
 	b.hostCert = &hostCerts{ca: b.hostCA, key: b.hostKey, certs: map[string]hostCert{}}
 	b.proxy, err = sshproxy.New(sshproxy.Config{
-		UserCAs:        func() []ssh.PublicKey { return []ssh.PublicKey{b.userCA.PublicKey()} },
+		UserCAs:        func() []ssh.PublicKey { return []ssh.PublicKey{b.clientCA.PublicKey()} },
 		Clock:          b.svc.Now,
 		Logger:         b.log.With("part", "sshproxy"),
 		CheckGrant:     b.svc.CheckGrant,

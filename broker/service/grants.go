@@ -291,7 +291,7 @@ func (s *Service) userCert(line string, r access.Request, tg policy.Target, addr
 		return nil, 0, fmt.Errorf("generating serial: %w", err)
 	}
 	serial := binary.BigEndian.Uint64(b[:]) >> 1
-	cert, err := sshca.IssueUser(s.rand, s.cfg.UserCA, sshca.UserCert{
+	cert, err := sshca.IssueUser(s.rand, s.cfg.ClientCA, sshca.UserCert{
 		Key: pub, KeyID: fmt.Sprintf("pinhole grant=%s user=%s target=%s", r.ID, r.Requester, tg.Name), Serial: serial,
 		Principals: []string{tg.Login}, SourceAddresses: []netip.Prefix{netip.PrefixFrom(addr, addr.BitLen())},
 		ValidAfter: now.Add(-time.Minute), ValidBefore: r.GrantEnds, PermitPTY: true,

@@ -65,8 +65,13 @@ type Config struct {
 	Store  store.Store
 	Policy *atomic.Pointer[policy.Config] // current rules; swapped on reload
 	FIDO   *fido.FIDO
-	UserCA ssh.Signer
-	HostCA ssh.Signer
+	// ClientCA signs the per-grant certificates workstations present to the
+	// recording SSH proxy. Only the proxy trusts it: targets trust the
+	// broker's user CA, which signs the proxy's own upstream certificates,
+	// so a workstation's certificate can never log into a target directly,
+	// around the recording.
+	ClientCA ssh.Signer
+	HostCA   ssh.Signer
 	// PublicURL is the broker's https base URL used in links.
 	PublicURL string
 	// GatewayEndpoint is the UDP host:port agents send WireGuard to.
@@ -127,7 +132,7 @@ type Service struct {
 // New validates cfg and returns a Service. Attach the data plane with
 // SetDataPlane before Restore and Run.
 func New(cfg Config) (*Service, error) {
-	if cfg.Store == nil || cfg.Policy == nil || cfg.Policy.Load() == nil || cfg.FIDO == nil || cfg.UserCA == nil || cfg.HostCA == nil {
+	if cfg.Store == nil || cfg.Policy == nil || cfg.Policy.Load() == nil || cfg.FIDO == nil || cfg.ClientCA == nil || cfg.HostCA == nil {
 		return nil, fmt.Errorf("service: store, policy, fido and both CAs are required")
 	}
 	if cfg.PublicURL == "" {

@@ -65,7 +65,7 @@ func newTestServer(t *testing.T) (*Server, *service.Service, *clock) {
 	var pol atomic.Pointer[policy.Config]
 	pol.Store(&policy.Config{})
 	svc, err := service.New(service.Config{
-		Store: st, Policy: &pol, FIDO: f, UserCA: userCA, HostCA: hostCA,
+		Store: st, Policy: &pol, FIDO: f, ClientCA: userCA, HostCA: hostCA,
 		PublicURL: "https://localhost:8443", Clock: clk.Now,
 	})
 	if err != nil {

@@ -1,10 +1,15 @@
 package e2e
 
 import (
+	"bytes"
 	"strings"
 	"testing"
+	"time"
+
+	"golang.org/x/crypto/ssh"
 
 	"github.com/pinhole-dev/pinhole/internal/audit"
+	"github.com/pinhole-dev/pinhole/internal/sshca"
 	"github.com/pinhole-dev/pinhole/internal/wire"
 	"github.com/pinhole-dev/pinhole/test/harness"
 )
@@ -70,4 +75,28 @@ func lastUserInvited(evs []audit.Event) string {
 		}
 	}
 	return name
+}
+
+// TestInvariant01GrantCertOnlyForTheProxy: the certificate a workstation
+// gets for a grant is signed by a CA only the recording proxy trusts, not by
+// the user CA targets trust, so it cannot log into a target directly around
+// the proxy (and its recording), from whatever address.
+func TestInvariant01GrantCertOnlyForTheProxy(t *testing.T) {
+	e := newEnv(t)
+	act, _, _, _ := grantFor(t, e, "db-prod")
+	pub, _, _, _, err := ssh.ParseAuthorizedKey([]byte(act.SSHCertificate))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert := pub.(*ssh.Certificate)
+	targetCA, _, _, _, err := ssh.ParseAuthorizedKey([]byte(e.b.UserCAKey()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bytes.Equal(cert.SignatureKey.Marshal(), targetCA.Marshal()) {
+		t.Fatal("the workstation's grant certificate is signed by the user CA that targets trust")
+	}
+	if err := sshca.CheckUserCert([]ssh.PublicKey{targetCA}, cert, act.Login, time.Now()); err == nil {
+		t.Error("the target's CA accepts the workstation certificate")
+	}
 }
