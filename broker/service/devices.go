@@ -69,6 +69,31 @@ func checkCommitment(purpose, view string, c store.Ceremony) error {
 	return nil
 }
 
+// beginCommitted starts an assertion by user whose challenge commits to view
+// (see commit) and stores its ceremony under ceremonyID. It returns the
+// options for the browser.
+func (s *Service) beginCommitted(ctx context.Context, tx store.Tx, user, purpose, view, ceremonyID string) ([]byte, error) {
+	_, fu, err := fidoUser(ctx, tx, user)
+	if err != nil {
+		return nil, err
+	}
+	if len(fu.Credentials) == 0 {
+		return nil, errorf(KindConflict, "user %s has no security key yet; register one from the invite link first", user)
+	}
+	ch, commitment, err := s.commit(purpose, view)
+	if err != nil {
+		return nil, err
+	}
+	opts, sess, err := s.cfg.FIDO.BeginAssertion(fu, ch)
+	if err != nil {
+		return nil, fmt.Errorf("starting assertion: %w", err)
+	}
+	if err := tx.PutCeremony(ctx, store.Ceremony{ID: ceremonyID, Data: sess, ViewHash: commitment, ExpiresAt: s.now().Add(fidoTimeout)}); err != nil {
+		return nil, err
+	}
+	return opts, nil
+}
+
 // Enroll registers the calling device key as pending for user and returns
 // the link the user confirms it with.
 func (s *Service) Enroll(ctx context.Context, pub ed25519.PublicKey, user, hostname string) (wire.EnrollResponse, error) {
@@ -168,23 +193,8 @@ func (s *Service) BeginDeviceConfirm(ctx context.Context, token string) ([]byte,
 		if err != nil {
 			return err
 		}
-		_, fu, err := fidoUser(ctx, tx, t.User)
-		if err != nil {
-			return err
-		}
-		if len(fu.Credentials) == 0 {
-			return errorf(KindConflict, "user %s has no security key yet; register one from the invite link first", t.User)
-		}
-		ch, commitment, err := s.commit("device", v.hash())
-		if err != nil {
-			return err
-		}
-		o, sess, err := s.cfg.FIDO.BeginAssertion(fu, ch)
-		if err != nil {
-			return fmt.Errorf("starting assertion: %w", err)
-		}
-		opts = o
-		return tx.PutCeremony(ctx, store.Ceremony{ID: "device:" + t.Hash, Data: sess, ViewHash: commitment, ExpiresAt: s.now().Add(fidoTimeout)})
+		opts, err = s.beginCommitted(ctx, tx, t.User, "device", v.hash(), "device:"+t.Hash)
+		return err
 	})
 	return opts, err
 }

@@ -5,7 +5,6 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
-	"fmt"
 	"strings"
 	"time"
 
@@ -105,23 +104,8 @@ func (s *Service) BeginInviteConfirm(ctx context.Context, token string) ([]byte,
 		if err != nil {
 			return err
 		}
-		_, fu, err := fidoUser(ctx, tx, v.Admin)
-		if err != nil {
-			return err
-		}
-		if len(fu.Credentials) == 0 {
-			return errorf(KindConflict, "admin %s has no security key", v.Admin)
-		}
-		ch, commitment, err := s.commit("invite", v.hash())
-		if err != nil {
-			return err
-		}
-		o, sess, err := s.cfg.FIDO.BeginAssertion(fu, ch)
-		if err != nil {
-			return fmt.Errorf("starting assertion: %w", err)
-		}
-		opts = o
-		return tx.PutCeremony(ctx, store.Ceremony{ID: "invite-confirm:" + t.Hash, Data: sess, ViewHash: commitment, ExpiresAt: s.now().Add(fidoTimeout)})
+		opts, err = s.beginCommitted(ctx, tx, v.Admin, "invite", v.hash(), "invite-confirm:"+t.Hash)
+		return err
 	})
 	return opts, err
 }

@@ -399,20 +399,8 @@ func (s *Service) BeginDecision(ctx context.Context, token string, d Decision, v
 		if err := s.precheckApprover(ctx, tx, t, r); err != nil {
 			return err
 		}
-		_, fu, err := fidoUser(ctx, tx, t.User)
-		if err != nil {
-			return err
-		}
-		ch, commitment, err := s.commit(string(d), viewHash)
-		if err != nil {
-			return err
-		}
-		o, sess, err := s.cfg.FIDO.BeginAssertion(fu, ch)
-		if err != nil {
-			return fmt.Errorf("starting assertion: %w", err)
-		}
-		opts = o
-		return tx.PutCeremony(ctx, store.Ceremony{ID: string(d) + ":" + t.Hash, Data: sess, ViewHash: commitment, ExpiresAt: s.now().Add(fidoTimeout)})
+		opts, err = s.beginCommitted(ctx, tx, t.User, string(d), viewHash, string(d)+":"+t.Hash)
+		return err
 	})
 	return opts, err
 }
