@@ -215,30 +215,62 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 }
 
 // TestSFTPRefusedByDefault checks that SFTP and scp, which are not
-// recorded, are refused unless Config.UnrecordedSFTP says otherwise.
+// recorded, are refused unless Config.UnrecordedSFTP says otherwise: the
+// user is told why (exit 255), session.refused is reported, nothing is
+// dialed or recorded.
 func TestSFTPRefusedByDefault(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, envOptions{})
-	c := e.mustConnect()
-	ch, _, err := c.OpenChannel("session", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ch.Close()
-	if ok, err := ch.SendRequest("subsystem", true, ssh.Marshal(&struct{ Name string }{"sftp"})); err != nil || ok {
-		t.Errorf("sftp subsystem: ok=%v err=%v, want refused", ok, err)
-	}
-	// scp's server side is the other unrecorded file transfer.
-	ch2, _, err := c.OpenChannel("session", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ch2.Close()
-	if ok, err := ch2.SendRequest("exec", true, ssh.Marshal(&struct{ Command string }{"scp -t /tmp/upload"})); err != nil || ok {
-		t.Errorf("exec scp -t: ok=%v err=%v, want refused", ok, err)
+	t.Run("scp", func(t *testing.T) {
+		t.Parallel()
+		e := newEnv(t, envOptions{})
+		r := run(e.mustConnect(), "env scp -t /tmp/upload", nil)
+		if r.exit != 255 || !strings.Contains(r.stderr, "pinhole: scp is refused") {
+			t.Errorf("exit %d stderr %q, want 255 and the reason", r.exit, r.stderr)
+		}
+		checkRefusedTransfer(t, e)
+	})
+	t.Run("sftp", func(t *testing.T) {
+		t.Parallel()
+		e := newEnv(t, envOptions{})
+		ch, reqs, err := e.mustConnect().OpenChannel("session", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ch.Close()
+		if ok, err := ch.SendRequest("subsystem", true, ssh.Marshal(&struct{ Name string }{"sftp"})); err != nil || !ok {
+			t.Fatalf("sftp subsystem: ok=%v err=%v, want accepted then refused with a reason", ok, err)
+		}
+		status := make(chan uint32, 1)
+		go func() {
+			for req := range reqs {
+				if req.Type == "exit-status" && len(req.Payload) == 4 {
+					status <- uint32(req.Payload[3]) | uint32(req.Payload[2])<<8
+				}
+			}
+			close(status)
+		}()
+		stderr, _ := io.ReadAll(ch.Stderr())
+		if !strings.Contains(string(stderr), "pinhole: sftp is refused") {
+			t.Errorf("stderr %q, want the reason", stderr)
+		}
+		if got := <-status; got != 255 {
+			t.Errorf("exit status %d, want 255", got)
+		}
+		checkRefusedTransfer(t, e)
+	})
+}
+
+func checkRefusedTransfer(t *testing.T, e *env) {
+	t.Helper()
+	ev := e.events.wait(t, sshproxy.EventSessionRefused)
+	if !strings.Contains(ev.details["error"], "file transfer") {
+		t.Errorf("session.refused details %v, want the file-transfer error", ev.details)
 	}
 	if n := e.recs.count(); n != 0 {
 		t.Errorf("%d recordings opened, want none", n)
+	}
+	if e.dials.Load() != 0 {
+		t.Error("the target was dialed for a refused file transfer")
 	}
 }
 

@@ -85,6 +85,11 @@ type session struct {
 	endMu  sync.Mutex
 	reason string // why pinhole ended the session; "" if it did not
 
+	// unrecordable, set by the request loop before start, says why the
+	// session is refused once started: a file transfer (sftp, scp) whose
+	// bytes would not be recorded.
+	unrecordable string
+
 	outputStarted atomic.Bool
 }
 
@@ -236,18 +241,22 @@ func (s *session) handleRequest(req *gossh.Request, started bool) (ok, start boo
 		if started || gossh.Unmarshal(req.Payload, &m) != nil || m.Command == "" || len(m.Command) > maxCommandLen {
 			return false, false
 		}
-		if isSCPServer(m.Command) && !s.c.p.cfg.UnrecordedSFTP {
-			s.log.Info("scp refused: file transfers are not recorded", "command", m.Command)
-			return false, false
-		}
 		s.kind, s.command = KindExec, m.Command
+		if isSCPServer(m.Command) && !s.c.p.cfg.UnrecordedSFTP {
+			// Started only to be refused with a reason the user sees and an
+			// audited session.refused (see run).
+			s.unrecordable = "scp is refused: its file transfers would not be recorded"
+		}
 		return true, true
 	case "subsystem":
 		var m struct{ Name string }
-		if started || !s.c.p.cfg.UnrecordedSFTP || gossh.Unmarshal(req.Payload, &m) != nil || m.Name != "sftp" {
+		if started || gossh.Unmarshal(req.Payload, &m) != nil || m.Name != "sftp" || len(m.Name) > maxCommandLen {
 			return false, false
 		}
 		s.kind, s.command = KindSubsystem, m.Name
+		if !s.c.p.cfg.UnrecordedSFTP {
+			s.unrecordable = "sftp is refused: its file transfers would not be recorded"
+		}
 		return true, true
 	default:
 		// auth-agent-req@openssh.com, x11-req, break, keepalive@openssh.com, ...
@@ -292,6 +301,11 @@ func (s *session) run() <-chan struct{} {
 	}
 	if err := cfg.CheckGrant(s.ctx, t.GrantID); err != nil {
 		s.refuse(info, "access grant is not active", err)
+		s.goodbyeWith(info, nil, false, outcome{})
+		return nil
+	}
+	if s.unrecordable != "" {
+		s.refuse(info, s.unrecordable, errUnrecordable)
 		s.goodbyeWith(info, nil, false, outcome{})
 		return nil
 	}
@@ -621,21 +635,29 @@ func encodeModes(m gossh.TerminalModes) string {
 	return string(append(b, 0))
 }
 
-// isSCPServer reports whether an exec command starts scp's server side
-// (`scp -t` to receive, `scp -f` to send), which the scp client runs on the
-// target. Its file bytes are not recorded, so it is refused like SFTP.
+// isSCPServer reports whether an exec command looks like it starts scp's
+// server side (`scp -t` to receive, `scp -f` to send), which the scp client
+// runs on the target, also behind a wrapper such as `env` or `sh -c`: a
+// word scp followed later by a flag word holding t or f. It is a guard, not
+// a proof: a shell can move files in ways no parser sees (as can any command
+// reading standard input, which is not recorded either).
 func isSCPServer(command string) bool {
-	f := strings.Fields(command)
-	if len(f) == 0 || path.Base(f[0]) != "scp" {
-		return false
-	}
-	for _, a := range f[1:] {
-		if a == "--" || !strings.HasPrefix(a, "-") {
-			break
+	words := strings.FieldsFunc(command, func(r rune) bool {
+		return r == ' ' || r == '\t' || r == '\n' || r == '\'' || r == '"' || r == ';' || r == '&' || r == '|' || r == '(' || r == ')' || r == '`'
+	})
+	for i, w := range words {
+		if path.Base(w) != "scp" {
+			continue
 		}
-		if strings.ContainsAny(a[1:], "tf") {
-			return true
+		for _, a := range words[i+1:] {
+			if strings.HasPrefix(a, "-") && !strings.HasPrefix(a, "--") && strings.ContainsAny(a[1:], "tf") {
+				return true
+			}
 		}
 	}
 	return false
 }
+
+// errUnrecordable is the error of a session refused because it could not be
+// recorded by its nature (a file transfer).
+var errUnrecordable = errors.New("file transfer would not be recorded")
