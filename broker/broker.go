@@ -200,6 +200,9 @@ func Open(ctx context.Context, cfg Config) (*Broker, error) {
 			b.Close()
 		}
 	}()
+	if err := checkRPID(cfg.DataDir, u.Hostname()); err != nil {
+		return nil, err
+	}
 	keys := filepath.Join(cfg.DataDir, "keys")
 	if b.userCA, err = sshca.LoadOrCreateKey(filepath.Join(keys, "ssh_user_ca")); err != nil {
 		return nil, fmt.Errorf("user CA: %w", err)
@@ -762,4 +765,31 @@ func (b *Broker) sessionEvent(ctx context.Context, typ string, s sshproxy.Sessio
 func meta(s sshproxy.SessionInfo) service.SessionMeta {
 	return service.SessionMeta{ID: s.ID, Request: s.GrantID, User: s.Requester, Target: s.Target, Login: s.Login, Kind: s.Kind,
 		Command: s.Command, Term: s.Term, Width: s.Width, Height: s.Height, Started: s.Started}
+}
+
+// checkRPID pins the WebAuthn RP ID (the public URL's host) in the data dir
+// on first start and refuses a later start under another host: every
+// registered security key is bound to the first one and would silently stop
+// working.
+func checkRPID(dataDir, host string) error {
+	path := filepath.Join(dataDir, "rp_id")
+	b, err := os.ReadFile(path)
+	switch {
+	case err == nil:
+		if pinned := strings.TrimSpace(string(b)); pinned != host {
+			return fmt.Errorf("this broker's security keys are bound to the host %s (its first public URL's); the public URL now names %s, where every registered key would stop working: start it with --public-url https://%s[:port], or set up a new broker with a fresh data dir", pinned, host, pinned)
+		}
+		return nil
+	case errors.Is(err, fs.ErrNotExist):
+		tmp := path + ".tmp"
+		if err := os.WriteFile(tmp, []byte(host+"\n"), 0o600); err != nil {
+			return fmt.Errorf("pinning the WebAuthn RP ID: %w", err)
+		}
+		if err := os.Rename(tmp, path); err != nil {
+			return fmt.Errorf("pinning the WebAuthn RP ID: %w", err)
+		}
+		return nil
+	default:
+		return fmt.Errorf("reading the pinned WebAuthn RP ID: %w", err)
+	}
 }

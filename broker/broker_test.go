@@ -398,8 +398,9 @@ func fifo(t *testing.T, dir string) string {
 }
 
 // TestCertificateMustFitPublicURL: the certificate made on first start
-// names the public URL's host, and a later start under a host the
-// certificate does not name is refused, saying what to do.
+// names the public URL's host; the host of the first public URL is
+// pinned as the WebAuthn RP ID; a later start under another host is refused,
+// and so is a certificate that does not name the public URL's host.
 func TestCertificateMustFitPublicURL(t *testing.T) {
 	t.Parallel()
 	tests := []struct {
@@ -407,20 +408,27 @@ func TestCertificateMustFitPublicURL(t *testing.T) {
 		first     string // public URL of the first start
 		second    string // public URL of the second start
 		removeTLS bool   // remove DATA/tls between the starts
+		removePin bool   // remove DATA/rp_id between the starts (a data dir from before the pin)
 		wantErr   []string
 		wantNames []string // DNS names of the certificate served on the second start
 	}{
 		{name: "ok/same_host_other_port", first: "https://pinhole.example:8443", second: "https://pinhole.example:9443",
 			wantNames: []string{"pinhole.example", "localhost"}},
-		{name: "ok/localhost_is_always_named", first: "https://pinhole.example:8443", second: "",
-			wantNames: []string{"pinhole.example", "localhost"}},
 		{name: "ok/default_then_default", first: "", second: "",
 			wantNames: []string{"localhost"}},
+		// The pinned RP ID refuses any change of host, even to one the
+		// certificate names: keys registered under the first would not work.
+		{name: "deny/back_to_localhost", first: "https://pinhole.example:8443", second: "",
+			wantErr: []string{"bound to the host pinhole.example", "now names localhost", "fresh data dir"}},
 		{name: "deny/new_host", first: "", second: "https://pinhole.example:8443",
-			wantErr: []string{"pinhole.example", "localhost, 127.0.0.1, ::1", "remove", "tls", "Security keys are bound", "registered again"}},
+			wantErr: []string{"bound to the host localhost", "now names pinhole.example"}},
 		{name: "deny/other_host", first: "https://pinhole.example:8443", second: "https://other.example:8443",
-			wantErr: []string{"not for other.example", "pinhole.example, localhost"}},
-		{name: "ok/new_host_after_removing_tls", first: "", second: "https://pinhole.example:8443", removeTLS: true,
+			wantErr: []string{"bound to the host pinhole.example", "now names other.example"}},
+		// Without a pin, the certificate check still refuses a host it does
+		// not name.
+		{name: "deny/new_host_no_pin", first: "", second: "https://pinhole.example:8443", removePin: true,
+			wantErr: []string{"pinhole.example", "localhost, 127.0.0.1, ::1", "remove", "tls", "Security keys are bound", "registered again"}},
+		{name: "ok/new_host_after_removing_tls_and_pin", first: "", second: "https://pinhole.example:8443", removeTLS: true, removePin: true,
 			wantNames: []string{"pinhole.example", "localhost"}},
 	}
 	for _, tc := range tests {
@@ -435,6 +443,11 @@ func TestCertificateMustFitPublicURL(t *testing.T) {
 			b.Close()
 			if tc.removeTLS {
 				if err := os.RemoveAll(filepath.Join(cfg.DataDir, "tls")); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if tc.removePin {
+				if err := os.Remove(filepath.Join(cfg.DataDir, "rp_id")); err != nil {
 					t.Fatal(err)
 				}
 			}
