@@ -130,8 +130,10 @@ func (c *Config) check() error {
 		}
 	}
 	// gateway.New checks this too, but only once the keys exist.
-	if c.UAPIName != "" && !uapiNameRE.MatchString(c.UAPIName) {
-		return fmt.Errorf("UAPI name %q: want 1-15 letters, digits or '_', '=', '+', '.', '-'", c.UAPIName)
+	if c.UAPIName != "" {
+		if err := gateway.CheckUAPIName(c.UAPIName); err != nil {
+			return err
+		}
 	}
 	if c.AuditWitness != "" {
 		if err := checkWitnessPath(c.AuditWitness, c.DataDir); err != nil {
@@ -144,13 +146,9 @@ func (c *Config) check() error {
 	return nil
 }
 
-var (
-	// hostNameRE is what Config.WireGuardHost may be when it is not an IP
-	// address: a DNS name, which agents are given as their endpoint.
-	hostNameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,252}$`)
-	// uapiNameRE mirrors the gateway's rule for Config.UAPIName.
-	uapiNameRE = regexp.MustCompile(`^[A-Za-z0-9_=+.-]{1,15}$`)
-)
+// hostNameRE is what Config.WireGuardHost may be when it is not an IP
+// address: a DNS name, which agents are given as their endpoint.
+var hostNameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,252}$`)
 
 // Open prepares the parts that need no network: data dir, keys, store,
 // rules and the service. Bootstrap uses it alone; New builds on it.
@@ -523,9 +521,6 @@ func checkWitnessPath(witness, dataDir string) error {
 	}
 	if within(d, w) {
 		return fmt.Errorf("audit witness %s is inside the data dir %s: the witness must live where the broker's admin cannot rewrite it (another disk, user or host), outside the data dir", witness, dataDir)
-	}
-	if fi, err := os.Stat(w); err == nil && !fi.Mode().IsRegular() {
-		return fmt.Errorf("audit witness %s is not a regular file (it is %s)", witness, fileKind(fi.Mode()))
 	}
 	return nil
 }

@@ -85,6 +85,14 @@ var (
 // socket path cannot leave /var/run/wireguard.
 var uapiNameRE = regexp.MustCompile(`^[A-Za-z0-9_=+.-]{1,15}$`)
 
+// CheckUAPIName reports whether name may be a Config.UAPIName.
+func CheckUAPIName(name string) error {
+	if !uapiNameRE.MatchString(name) {
+		return fmt.Errorf("UAPI name %q: want 1-15 letters, digits or '_', '=', '+', '.', '-'", name)
+	}
+	return nil
+}
+
 // Flow is one TCP connection attempt through the tunnel.
 type Flow struct {
 	// Src is the agent's tunnel address and port.
@@ -175,8 +183,8 @@ func New(cfg Config) (*Gateway, error) {
 	if mtu < MinMTU || mtu > MaxMTU {
 		return nil, fmt.Errorf("gateway: MTU %d outside [%d, %d]", mtu, MinMTU, MaxMTU)
 	}
-	if cfg.UAPIName != "" && !uapiNameRE.MatchString(cfg.UAPIName) {
-		return nil, fmt.Errorf("gateway: UAPI name %q must match %s", cfg.UAPIName, uapiNameRE)
+	if err := CheckUAPIName(cfg.UAPIName); cfg.UAPIName != "" && err != nil {
+		return nil, fmt.Errorf("gateway: %w", err)
 	}
 	log := cfg.Logger
 	if log == nil {

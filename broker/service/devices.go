@@ -97,8 +97,8 @@ func (s *Service) beginCommitted(ctx context.Context, tx store.Tx, user, purpose
 // Enroll registers the calling device key as pending for user and returns
 // the link the user confirms it with.
 func (s *Service) Enroll(ctx context.Context, pub ed25519.PublicKey, user, hostname string) (wire.EnrollResponse, error) {
-	if !nameRE.MatchString(user) {
-		return wire.EnrollResponse{}, errorf(KindBadInput, "user name %q is not valid", user)
+	if err := CheckUserName(user); err != nil {
+		return wire.EnrollResponse{}, err
 	}
 	if hostname == "" || len(hostname) > 253 || strings.IndexFunc(hostname, func(r rune) bool {
 		return r == utf8.RuneError || !unicode.IsPrint(r) || unicode.Is(unicode.Cf, r)

@@ -21,6 +21,17 @@ const RoleAdmin = "admin"
 
 var nameRE = regexp.MustCompile(`^[a-z][a-z0-9._-]{0,62}$`)
 
+// UserNameRule says in words what CheckUserName accepts.
+const UserNameRule = "use 1-63 lower-case letters, digits, '.', '_' or '-', starting with a letter"
+
+// CheckUserName reports whether name may be a user's name.
+func CheckUserName(name string) error {
+	if !nameRE.MatchString(name) {
+		return errorf(KindBadInput, "user name %q: %s", name, UserNameRule)
+	}
+	return nil
+}
+
 // Bootstrap creates the first admin and returns their invite link. It
 // refuses once any admin exists.
 func (s *Service) Bootstrap(ctx context.Context, name string) (wire.Invite, error) {
@@ -95,8 +106,8 @@ func (s *Service) invite(ctx context.Context, actor, name, role string) (wire.In
 
 // checkInvitee checks a new user's name and role.
 func (s *Service) checkInvitee(name, role string) error {
-	if !nameRE.MatchString(name) {
-		return errorf(KindBadInput, "user name %q: use 1-63 lower-case letters, digits, '.', '_' or '-', starting with a letter", name)
+	if err := CheckUserName(name); err != nil {
+		return err
 	}
 	if role != RoleAdmin {
 		known := false

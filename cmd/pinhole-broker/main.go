@@ -13,10 +13,10 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
-	"regexp"
 	"syscall"
 
 	"github.com/pinhole-dev/pinhole/broker"
+	"github.com/pinhole-dev/pinhole/broker/service"
 )
 
 func main() {
@@ -25,10 +25,6 @@ func main() {
 	stop()
 	os.Exit(code)
 }
-
-// userNameRE is the rule broker/service applies to user names; bootstrap
-// checks --admin against it before anything is written.
-var userNameRE = regexp.MustCompile(`^[a-z][a-z0-9._-]{0,62}$`)
 
 const usage = `usage:
   pinhole-broker serve --data DIR --config FILE [flags]
@@ -95,8 +91,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			fmt.Fprintf(stderr, "pinhole-broker %s: --admin is required\n", cmd)
 			return 2
 		}
-		if !userNameRE.MatchString(admin) {
-			fmt.Fprintf(stderr, "pinhole-broker %s: --admin %q: use 1-63 lower-case letters, digits, '.', '_' or '-', starting with a letter\n", cmd, admin)
+		if service.CheckUserName(admin) != nil {
+			fmt.Fprintf(stderr, "pinhole-broker %s: --admin %q: %s\n", cmd, admin, service.UserNameRule)
 			return 2
 		}
 	}
