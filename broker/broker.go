@@ -697,13 +697,9 @@ func trimNL(s string) string {
 // decide is the gateway's per-SYN decision: the service authorizes (and
 // audits) the flow; allowed flows go to the recorder for the target's protocol.
 func (b *Broker) decide(ctx context.Context, f gateway.Flow) (gateway.Handler, error) {
-	g, err := b.svc.AuthorizeFlow(ctx, f.Src, f.Dst)
+	g, tg, err := b.svc.AuthorizeFlow(ctx, f.Src, f.Dst)
 	if err != nil {
 		return nil, err
-	}
-	tg, ok := b.policy.Load().Target(g.Target)
-	if !ok {
-		return nil, fmt.Errorf("target %s is no longer configured", g.Target)
 	}
 	dial := func(ctx context.Context) (net.Conn, error) {
 		d := net.Dialer{Timeout: 10 * time.Second}

@@ -111,7 +111,7 @@ func TestCutRefusesNewFlowsBeforeGoodbye(t *testing.T) {
 		Ends: s.now().Add(time.Hour), WGPublic: priv.Public()}
 	s.flows.put(g)
 	src := netip.AddrPortFrom(first, 40000)
-	if _, err := s.AuthorizeFlow(ctx, src, dst); err != nil {
+	if _, _, err := s.AuthorizeFlow(ctx, src, dst); err != nil {
 		t.Fatalf("live grant: flow refused: %v", err)
 	}
 
@@ -122,7 +122,7 @@ func TestCutRefusesNewFlowsBeforeGoodbye(t *testing.T) {
 	}()
 	<-cut.entered // the cut is telling the sessions why
 
-	if _, err := s.AuthorizeFlow(ctx, src, dst); err == nil {
+	if _, _, err := s.AuthorizeFlow(ctx, src, dst); err == nil {
 		t.Error("a new flow was authorized for a grant whose cut had started")
 	}
 	var got netip.Addr
@@ -175,7 +175,7 @@ func TestFlowRefusedWhenTargetChanged(t *testing.T) {
 	}
 	for _, tt := range tests {
 		s.cfg.Policy.Store(&policy.Config{Targets: tt.targets})
-		_, err := s.AuthorizeFlow(t.Context(), src, dst)
+		_, _, err := s.AuthorizeFlow(t.Context(), src, dst)
 		switch {
 		case tt.wantErr == "" && err != nil:
 			t.Errorf("%s: refused: %v", tt.name, err)

@@ -324,12 +324,15 @@ func (s *Service) allocateAddr(ctx context.Context, tx store.Tx) (netip.Addr, er
 }
 
 // AuthorizeFlow decides a new connection from the tunnel: it is allowed only
-// when src is the tunnel address of an active grant and dst is exactly that
-// grant's destination. Every decision is audited.
-func (s *Service) AuthorizeFlow(ctx context.Context, src netip.AddrPort, dst netip.AddrPort) (LiveGrant, error) {
+// when src is the tunnel address of an active grant, dst is exactly that
+// grant's destination and the grant's target is still configured as it was
+// when the grant was issued. Every decision is audited. An allowed flow
+// comes with its grant and its target's config.
+func (s *Service) AuthorizeFlow(ctx context.Context, src netip.AddrPort, dst netip.AddrPort) (LiveGrant, policy.Target, error) {
 	g, ok := s.flows.get(src.Addr())
 	now := s.now()
 	var why string
+	var tg policy.Target
 	switch {
 	case !ok:
 		why = "no active grant for this tunnel address"
@@ -338,7 +341,7 @@ func (s *Service) AuthorizeFlow(ctx context.Context, src netip.AddrPort, dst net
 	case g.Dst != dst:
 		why = "destination not granted (grant allows " + g.Dst.String() + ")"
 	default:
-		why = s.targetChanged(g.Target, g.Dst)
+		tg, why = s.currentTarget(g.Target, g.Dst)
 	}
 	e := audit.Event{Type: audit.TypeFlowAllowed, Src: src.String(), Details: map[string]string{"destination": dst.String()}}
 	if ok {
@@ -349,12 +352,12 @@ func (s *Service) AuthorizeFlow(ctx context.Context, src netip.AddrPort, dst net
 		e.Details["reason"] = why
 	}
 	if err := s.Audit(ctx, e); err != nil {
-		return LiveGrant{}, fmt.Errorf("auditing flow: %w", err)
+		return LiveGrant{}, policy.Target{}, fmt.Errorf("auditing flow: %w", err)
 	}
 	if why != "" {
-		return LiveGrant{}, errorf(KindForbidden, "flow %s -> %s refused: %s", src, dst, why)
+		return LiveGrant{}, policy.Target{}, errorf(KindForbidden, "flow %s -> %s refused: %s", src, dst, why)
 	}
-	return g, nil
+	return g, tg, nil
 }
 
 // CheckGrant reports whether a grant is still live.
@@ -532,8 +535,7 @@ func (s *Service) Run(ctx context.Context) error {
 		select {
 		case <-ctx.Done():
 			t.Stop()
-			s.cuts.Wait()
-			s.deliveries.closeAndWait()
+			s.bg.closeAndWait()
 			return nil
 		case <-s.wake:
 		case <-t.C:
@@ -568,7 +570,7 @@ func (s *Service) expireDue(ctx context.Context) (time.Time, error) {
 				// Each grant's cut runs on its own, so one grant's goodbye
 				// to its sessions never delays another grant's cut.
 				id := r.ID
-				s.cuts.Go(func() { s.finishEnd(id, ended) })
+				s.bg.start(func() { s.finishEnd(id, ended) })
 			}
 			continue
 		}
@@ -631,7 +633,7 @@ func (s *Service) Restore(ctx context.Context) error {
 		}
 		// A grant is for a target as configured when it was issued: one whose
 		// target is gone or now points elsewhere ends rather than comes back.
-		if why := s.targetChanged(r.Target, a.Destination); why != "" {
+		if _, why := s.currentTarget(r.Target, a.Destination); why != "" {
 			s.log.Warn("not restoring grant", "request", a.Request, "reason", why)
 			if _, err := s.endGrant(ctx, a.Request, why+" after a broker restart", "broker", true); err != nil {
 				return fmt.Errorf("revoking grant %s: %w", a.Request, err)
@@ -655,15 +657,15 @@ func (s *Service) Restore(ctx context.Context) error {
 	return nil
 }
 
-// targetChanged says why a grant issued for target with destination dst no
-// longer matches the config ("" when it still does).
-func (s *Service) targetChanged(target string, dst netip.AddrPort) string {
+// currentTarget returns target as configured now, or why a grant issued
+// for it with destination dst no longer matches the config.
+func (s *Service) currentTarget(target string, dst netip.AddrPort) (policy.Target, string) {
 	tg, ok := s.policy().Target(target)
 	if !ok {
-		return "target " + target + " is no longer configured"
+		return tg, "target " + target + " is no longer configured"
 	}
 	if d, err := destination(tg); err != nil || d != dst {
-		return "target " + target + " has changed since the grant was issued"
+		return tg, "target " + target + " has changed since the grant was issued"
 	}
-	return ""
+	return tg, ""
 }

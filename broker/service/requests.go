@@ -8,7 +8,6 @@ import (
 	"errors"
 	"fmt"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/pinhole-dev/pinhole/internal/access"
@@ -61,12 +60,10 @@ func (s *Service) CreateRequest(ctx context.Context, d store.Device, u store.Use
 		refused = nil
 		// In the transaction that creates the request, so that racing
 		// creations cannot both pass it.
-		if err := checkPendingLimit(ctx, tx, u.Name, now); err != nil {
-			var e *Error
-			if !errors.As(err, &e) {
-				return err
+		if why, err := pendingLimit(ctx, tx, u.Name, now); err != nil || why != "" {
+			if err == nil {
+				refused, err = s.refuse(ctx, tx, u, d, in, KindConflict, why)
 			}
-			refused, err = s.refuse(ctx, tx, u, d, in, e.Kind, e.Msg)
 			return err
 		}
 		rep, err := latestPosture(ctx, tx, d.ID)
@@ -123,14 +120,15 @@ func (s *Service) CreateRequest(ctx context.Context, d store.Device, u store.Use
 	return WireRequest(req), nil
 }
 
-// checkPendingLimit refuses a new request of user when user already has
-// maxPendingPerUser requests waiting for approval. Call it in the
-// transaction that creates the request. A pending request whose wait is over
-// no longer counts, even before the expiry loop has ended it.
-func checkPendingLimit(ctx context.Context, tx store.Tx, user string, now time.Time) error {
+// pendingLimit says why a new request of user is refused when user already
+// has maxPendingPerUser requests waiting for approval ("" when it is not).
+// Call it in the transaction that creates the request. A pending request
+// whose wait is over no longer counts, even before the expiry loop has ended
+// it.
+func pendingLimit(ctx context.Context, tx store.Tx, user string, now time.Time) (string, error) {
 	open, err := tx.OpenRequests(ctx)
 	if err != nil {
-		return fmt.Errorf("counting pending requests of %s: %w", user, err)
+		return "", fmt.Errorf("counting pending requests of %s: %w", user, err)
 	}
 	var waiting []string
 	for _, r := range open {
@@ -139,10 +137,10 @@ func checkPendingLimit(ctx context.Context, tx store.Tx, user string, now time.T
 		}
 	}
 	if len(waiting) >= maxPendingPerUser {
-		return errorf(KindConflict, "%s already has %d requests waiting for approval (%s); cancel one with pinhole revoke ID or wait until one is decided or expires",
-			user, len(waiting), strings.Join(waiting, ", "))
+		return fmt.Sprintf("%s already has %d requests waiting for approval (%s); cancel one with pinhole revoke ID or wait until one is decided or expires",
+			user, len(waiting), strings.Join(waiting, ", ")), nil
 	}
-	return nil
+	return "", nil
 }
 
 // refuse audits a refused request in tx and returns the refusal for the
@@ -216,7 +214,7 @@ func (s *Service) notify(ctx context.Context, notices []ApprovalNotice) {
 		for _, n := range notices {
 			// One goroutine per link: a receiver that never answers
 			// holds up shutdown by one timeout, not one per approver.
-			s.deliveries.start(func() { s.deliver(ctx, slow, n) })
+			s.bg.start(func() { s.deliver(ctx, slow, n) })
 		}
 	}
 }
@@ -228,40 +226,6 @@ func (s *Service) deliver(ctx context.Context, to Notifier, n ApprovalNotice) {
 	if err := to.NotifyApprover(ctx, n); err != nil {
 		s.log.Error("notifying approver failed", "request", n.Request, "approver", n.Approver, "err", err)
 	}
-}
-
-// deliveries runs the slow part of grant-link delivery off the API call that
-// issued the links. Run calls closeAndWait on exit; a delivery started after
-// that (by an API call still finishing during shutdown) runs inline in its
-// caller, so none is left running that nobody waits for. The zero value is
-// ready to use.
-type deliveries struct {
-	mu     sync.Mutex
-	closed bool // guarded by mu; set by closeAndWait
-	wg     sync.WaitGroup
-}
-
-// start runs f on a goroutine d waits for, or inline once d is closed.
-func (d *deliveries) start(f func()) {
-	d.mu.Lock()
-	if d.closed {
-		d.mu.Unlock()
-		f()
-		return
-	}
-	// Under mu, so the goroutine is counted before closeAndWait can wait:
-	// the WaitGroup never grows from zero during a Wait.
-	d.wg.Go(f)
-	d.mu.Unlock()
-}
-
-// closeAndWait makes later deliveries run inline and waits for the
-// running ones.
-func (d *deliveries) closeAndWait() {
-	d.mu.Lock()
-	d.closed = true
-	d.mu.Unlock()
-	d.wg.Wait()
 }
 
 // Request returns a request visible to the calling user (their own, or any for an admin).

@@ -305,7 +305,7 @@ func TestSlowNotifierDoesNotHoldUpRequest(t *testing.T) {
 		default:
 			close(n.release)
 		}
-		f.s.deliveries.closeAndWait()
+		f.s.bg.closeAndWait()
 	})
 
 	// Would block until the slow part's release if delivery were inline.
@@ -334,7 +334,7 @@ func TestSlowNotifierDoesNotHoldUpRequest(t *testing.T) {
 	// Shutdown waits for the running deliveries.
 	joined := make(chan int32)
 	go func() {
-		f.s.deliveries.closeAndWait()
+		f.s.bg.closeAndWait()
 		joined <- n.slowDone.Load()
 	}()
 	close(n.release)
@@ -356,7 +356,7 @@ func TestSlowNotifierDoesNotHoldUpRequest(t *testing.T) {
 func TestDeliveriesJoin(t *testing.T) {
 	t.Parallel()
 	synctest.Test(t, func(t *testing.T) {
-		var d deliveries
+		var d background
 		release := make(chan struct{})
 		var done atomic.Int32
 		for range 3 {

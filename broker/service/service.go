@@ -122,11 +122,9 @@ type Service struct {
 	// planeMu orders data-plane changes of a grant (peer in, peer out) so an
 	// activation racing an expiry cannot leave a peer behind.
 	planeMu sync.Mutex
-	// cuts tracks the data-plane cuts of expired grants; Run waits for them.
-	cuts sync.WaitGroup
-	// deliveries runs the slow part of grant-link delivery (a webhook) in
-	// the background; Run waits for it on exit.
-	deliveries deliveries
+	// bg runs the data-plane cuts of expired grants and the slow part of
+	// grant-link delivery (a webhook); Run waits for it on exit.
+	bg background
 }
 
 // New validates cfg and returns a Service. Attach the data plane with
