@@ -94,6 +94,21 @@ func (s *Service) beginCommitted(ctx context.Context, tx store.Tx, user, purpose
 	return opts, nil
 }
 
+// finishCommitted takes the ceremony beginCommitted stored under
+// ceremonyID, checks that its challenge commits to view, and verifies user's
+// assertion against it.
+func (s *Service) finishCommitted(ctx context.Context, tx store.Tx, user, purpose, view, ceremonyID string, response []byte) error {
+	cer, err := s.takeCeremony(ctx, tx, ceremonyID)
+	if err != nil {
+		return err
+	}
+	if err := checkCommitment(purpose, view, cer); err != nil {
+		return err
+	}
+	_, err = s.assert(ctx, tx, user, cer, response)
+	return err
+}
+
 // Enroll registers the calling device key as pending for user and returns
 // the link the user confirms it with.
 func (s *Service) Enroll(ctx context.Context, pub ed25519.PublicKey, user, hostname string) (wire.EnrollResponse, error) {
@@ -157,8 +172,12 @@ type DeviceView struct {
 	Created                               time.Time
 }
 
-func (v DeviceView) hash() string {
-	sum := sha256.Sum256([]byte(strings.Join([]string{v.User, v.DeviceID, v.Hostname, v.Fingerprint}, "\x00")))
+func (v DeviceView) hash() string { return hashFields(v.User, v.DeviceID, v.Hostname, v.Fingerprint) }
+
+// hashFields is the hex SHA-256 of fields joined by NUL bytes (no field of a
+// page view holds one), the content hash a confirmation page commits to.
+func hashFields(fields ...string) string {
+	sum := sha256.Sum256([]byte(strings.Join(fields, "\x00")))
 	return hex.EncodeToString(sum[:])
 }
 
@@ -207,14 +226,7 @@ func (s *Service) FinishDeviceConfirm(ctx context.Context, token string, respons
 		if err != nil {
 			return err
 		}
-		cer, err := s.takeCeremony(ctx, tx, "device:"+t.Hash)
-		if err != nil {
-			return err
-		}
-		if err := checkCommitment("device", v.hash(), cer); err != nil {
-			return err
-		}
-		if _, err := s.assert(ctx, tx, t.User, cer, response); err != nil {
+		if err := s.finishCommitted(ctx, tx, t.User, "device", v.hash(), "device:"+t.Hash, response); err != nil {
 			return err
 		}
 		if err := tx.UseToken(ctx, t.Hash, s.now()); err != nil {

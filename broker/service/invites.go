@@ -2,10 +2,7 @@ package service
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
-	"strings"
 	"time"
 
 	"github.com/pinhole-dev/pinhole/internal/audit"
@@ -58,10 +55,7 @@ type InviteView struct {
 	Admin, Device, Hostname, User, Role string
 }
 
-func (v InviteView) hash() string {
-	sum := sha256.Sum256([]byte(strings.Join([]string{v.Admin, v.Device, v.Hostname, v.User, v.Role}, "\x00")))
-	return hex.EncodeToString(sum[:])
-}
+func (v InviteView) hash() string { return hashFields(v.Admin, v.Device, v.Hostname, v.User, v.Role) }
 
 // inviteView loads an invite-confirmation link; the admin is the owner of
 // the device the invite was asked from, and must still be an admin.
@@ -119,14 +113,7 @@ func (s *Service) FinishInviteConfirm(ctx context.Context, token string, respons
 		if err != nil {
 			return err
 		}
-		cer, err := s.takeCeremony(ctx, tx, "invite-confirm:"+t.Hash)
-		if err != nil {
-			return err
-		}
-		if err := checkCommitment("invite", v.hash(), cer); err != nil {
-			return err
-		}
-		if _, err := s.assert(ctx, tx, v.Admin, cer, response); err != nil {
+		if err := s.finishCommitted(ctx, tx, v.Admin, "invite", v.hash(), "invite-confirm:"+t.Hash, response); err != nil {
 			return err
 		}
 		if err := tx.UseToken(ctx, t.Hash, s.now()); err != nil {
