@@ -17,6 +17,7 @@ import (
 	"golang.zx2c4.com/wireguard/device"
 	"golang.zx2c4.com/wireguard/tun/netstack"
 
+	"github.com/pinhole-dev/pinhole/internal/testnet"
 	"github.com/pinhole-dev/pinhole/internal/wgkey"
 )
 
@@ -86,40 +87,10 @@ func newEchoBackend(t *testing.T) *echoBackend {
 		t.Fatal(err)
 	}
 	b := &echoBackend{addr: ln.Addr().String(), ended: make(chan struct{}, 64)}
-	var wg sync.WaitGroup
-	var mu sync.Mutex
-	conns := map[net.Conn]struct{}{}
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			conns[c] = struct{}{}
-			mu.Unlock()
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				_, _ = io.Copy(c, c)
-				_ = c.Close()
-				mu.Lock()
-				delete(conns, c)
-				mu.Unlock()
-				b.ended <- struct{}{}
-			}()
-		}
-	}()
-	t.Cleanup(func() {
-		_ = ln.Close()
-		mu.Lock()
-		for c := range conns {
-			_ = c.Close()
-		}
-		mu.Unlock()
-		wg.Wait()
+	testnet.Serve(t, ln, func(c net.Conn) {
+		_, _ = io.Copy(c, c)
+		_ = c.Close()
+		b.ended <- struct{}{}
 	})
 	return b
 }

@@ -36,7 +36,7 @@ func newTestService(tb testing.TB) (*Service, store.Store) {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	userCA, err := sshca.NewKey(rand.Reader)
+	clientCA, err := sshca.NewKey(rand.Reader)
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -46,7 +46,7 @@ func newTestService(tb testing.TB) (*Service, store.Store) {
 	}
 	var pol atomic.Pointer[policy.Config]
 	pol.Store(&policy.Config{})
-	svc, err := New(Config{Store: st, Policy: &pol, FIDO: f, ClientCA: userCA, HostCA: hostCA, PublicURL: "https://localhost:8443"})
+	svc, err := New(Config{Store: st, Policy: &pol, FIDO: f, ClientCA: clientCA, HostCA: hostCA, PublicURL: "https://localhost:8443"})
 	if err != nil {
 		tb.Fatal(err)
 	}

@@ -106,7 +106,7 @@ func TestCLIIsLight(t *testing.T) {
 
 func TestBinariesHaveNoTestAuthenticator(t *testing.T) {
 	t.Parallel()
-	banned := []string{ModulePath(t) + "/internal/fido/fidotest", "github.com/descope/virtualwebauthn"}
+	banned := []string{ModulePath(t) + "/internal/fido/fidotest", "github.com/descope/virtualwebauthn", ModulePath(t) + "/internal/testnet"}
 	for _, dir := range []string{"cmd/pinhole", "cmd/pinhole-broker", "cmd/pinhole-agent"} {
 		t.Run(dir, func(t *testing.T) {
 			t.Parallel()
@@ -114,7 +114,7 @@ func TestBinariesHaveNoTestAuthenticator(t *testing.T) {
 			for _, dep := range Deps(t, "./"+dir) {
 				for _, b := range banned {
 					if Matches(dep, b) {
-						t.Errorf("%s depends on %s, a test-only authenticator", dir, dep)
+						t.Errorf("%s depends on %s, test-only code", dir, dep)
 					}
 				}
 			}

@@ -17,7 +17,6 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -27,6 +26,7 @@ import (
 
 	"github.com/pinhole-dev/pinhole/agent/tunnel"
 	"github.com/pinhole-dev/pinhole/broker/gateway"
+	"github.com/pinhole-dev/pinhole/internal/testnet"
 	"github.com/pinhole-dev/pinhole/internal/wgkey"
 )
 
@@ -111,48 +111,13 @@ func bulk(c net.Conn, op byte, n int64) error {
 	}
 }
 
-// server accepts on ln and runs handle per connection until the benchmark
-// ends; cleanup closes the listener and every connection and joins them.
-func server(b *testing.B, ln net.Listener, handle func(net.Conn)) {
-	var wg sync.WaitGroup
-	var mu sync.Mutex
-	conns := map[net.Conn]struct{}{}
-	wg.Go(func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			conns[c] = struct{}{}
-			mu.Unlock()
-			wg.Go(func() {
-				handle(c)
-				_ = c.Close()
-				mu.Lock()
-				delete(conns, c)
-				mu.Unlock()
-			})
-		}
-	})
-	b.Cleanup(func() {
-		_ = ln.Close()
-		mu.Lock()
-		for c := range conns {
-			_ = c.Close()
-		}
-		mu.Unlock()
-		wg.Wait()
-	})
-}
-
 // newTarget starts the bulk target on 127.0.0.1 and returns its address.
 func newTarget(b *testing.B) string {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		b.Fatal(err)
 	}
-	server(b, ln, serveBulk)
+	testnet.Serve(b, ln, serveBulk)
 	return ln.Addr().String()
 }
 
@@ -291,7 +256,7 @@ func newBare(b *testing.B) net.Conn {
 	if err != nil {
 		b.Fatal(err)
 	}
-	server(b, ln, serveBulk)
+	testnet.Serve(b, ln, serveBulk)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	c, err := near.net.DialContextTCPAddrPort(ctx, target)
