@@ -232,7 +232,7 @@ func CheckReason(reason string) error {
 		return fmt.Errorf("%w: reason is not valid UTF-8", ErrInvalid)
 	case strings.IndexFunc(reason, func(r rune) bool { return r != '\t' && unicode.IsControl(r) }) >= 0:
 		return fmt.Errorf("%w: reason must not contain control characters", ErrInvalid)
-	case strings.IndexFunc(reason, invisible) >= 0:
+	case strings.IndexFunc(reason, Invisible) >= 0:
 		// Format characters (bidi overrides, zero-width joiners) can make an
 		// approver read something other than what is stored.
 		return fmt.Errorf("%w: reason must not contain invisible formatting characters", ErrInvalid)
@@ -240,10 +240,11 @@ func CheckReason(reason string) error {
 	return nil
 }
 
-// invisible reports runes that render as nothing or as a line break inside
+// Invisible reports runes that render as nothing or as a line break inside
 // one line: format characters (bidi overrides, zero-width joiners), line
-// and paragraph separators, and blank fillers.
-func invisible(r rune) bool {
+// and paragraph separators, and blank fillers. Text an approver reads must
+// not hold them.
+func Invisible(r rune) bool {
 	switch r {
 	case 0x034F, 0x115F, 0x1160, 0x3164, 0xFFA0, 0x2800:
 		return true

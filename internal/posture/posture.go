@@ -20,6 +20,8 @@ import (
 	"time"
 	"unicode"
 	"unicode/utf8"
+
+	"github.com/pinhole-dev/pinhole/internal/access"
 )
 
 // MaxReportSize is the largest encoded report, in bytes, that Sign produces
@@ -275,10 +277,4 @@ func (r Report) validate() error {
 // approver's page would not show them as they are: control characters,
 // format characters (bidi overrides, zero-width joiners), line and paragraph
 // separators, and blank fillers.
-func Hidden(r rune) bool {
-	switch r {
-	case 0x034F, 0x115F, 0x1160, 0x3164, 0xFFA0, 0x2800:
-		return true
-	}
-	return unicode.IsControl(r) || unicode.In(r, unicode.Cf, unicode.Zl, unicode.Zp)
-}
+func Hidden(r rune) bool { return unicode.IsControl(r) || access.Invisible(r) }
