@@ -198,7 +198,8 @@ func readBounded(fsys fs.FS, name string, max int64) ([]byte, error) {
 }
 
 // orUnknown cleans s for a report (valid UTF-8, no control or invisible
-// formatting characters, bounded length) and returns "unknown" when nothing is left.
+// formatting characters, bounded length) and returns "unknown" when nothing
+// is left.
 func orUnknown(s string) string {
 	s = strings.ToValidUTF8(s, "\uFFFD")
 	s = strings.Map(func(r rune) rune {

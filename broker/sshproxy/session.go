@@ -250,7 +250,7 @@ func (s *session) handleRequest(req *gossh.Request, started bool) (ok, start boo
 		return true, true
 	case "subsystem":
 		var m struct{ Name string }
-		if started || gossh.Unmarshal(req.Payload, &m) != nil || m.Name != "sftp" || len(m.Name) > maxCommandLen {
+		if started || gossh.Unmarshal(req.Payload, &m) != nil || m.Name != "sftp" {
 			return false, false
 		}
 		s.kind, s.command = KindSubsystem, m.Name

@@ -1,8 +1,9 @@
 // Package web serves the pages people open from links: invite (register a
 // security key), admin/invite (an admin confirms an invite they asked for),
-// enroll (confirm a workstation) and grant (approve or deny a request). Pages are html/template with a strict CSP and one static script;
-// every state-changing POST is behind http.CrossOriginProtection, and guessing
-// link tokens is rate-limited per client address.
+// enroll (confirm a workstation) and grant (approve or deny a request).
+// Pages are html/template with a strict CSP and one static script; every
+// state-changing POST is behind http.CrossOriginProtection, and guessing link
+// tokens is rate-limited per client address.
 package web
 
 import (

@@ -320,7 +320,7 @@ func (f durationFlag) String() string {
 func (f durationFlag) Set(s string) error {
 	d, err := time.ParseDuration(s)
 	if err != nil {
-		return fmt.Errorf("want a duration with a unit, like 45m, 90s or 1h30m")
+		return errors.New("want a duration with a unit, like 45m, 90s or 1h30m")
 	}
 	*f.d = d
 	return nil
