@@ -104,7 +104,7 @@ func TestInvariant08AuditSurvivesStrayBytes(t *testing.T) {
 
 func hasType(evs []audit.Event, typ string) bool {
 	for _, ev := range evs {
-		if strings.EqualFold(ev.Type, typ) {
+		if ev.Type == typ {
 			return true
 		}
 	}
